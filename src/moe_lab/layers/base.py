@@ -1,0 +1,235 @@
+"""What the dense and convolutional MoE layers share: the seed's keywords, the gate, the penalties,
+the constraints and the expert-usage statistics of the last forward."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .options import (
+    ActivationSpec,
+    ConstraintSpec,
+    InitializerSpec,
+    RegularizerSpec,
+    resolve_activation,
+    resolve_constraint,
+    resolve_initializer,
+    resolve_regularizer,
+)
+
+PARAM_NAMES = ("expert_kernel", "gating_kernel", "expert_bias", "gating_bias")
+
+
+def check_positive_int(value: object, argname: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{argname} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_scale(value: object, argname: str) -> float:
+    try:
+        scale = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{argname} must be a non-negative number, got {value!r}") from None
+    if not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"{argname} must be a finite number >= 0, got {value!r}")
+    return scale
+
+
+class MoEBase(nn.Module):
+    """Holds the keywords of the seed's layers (everything after ``n_experts``) and the machinery
+    built on them. Subclasses create the four parameters and implement ``forward``.
+
+    After each forward the layer keeps the gates it used (``last_gates``, shape ``(N, G, K)``:
+    N samples, G gate groups (1 for the dense layer, ``out_channels`` for conv layers), K experts)
+    so that losses and statistics can be read without a second pass.
+    """
+
+    expert_kernel: nn.Parameter
+    gating_kernel: nn.Parameter
+    expert_bias: nn.Parameter | None
+    gating_bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        n_experts: int,
+        *,
+        expert_activation: ActivationSpec = None,
+        gating_activation: ActivationSpec = None,
+        use_expert_bias: bool = True,
+        use_gating_bias: bool = True,
+        expert_kernel_initializer_scale: float = 1.0,
+        gating_kernel_initializer_scale: float = 1.0,
+        expert_bias_initializer: InitializerSpec = "zeros",
+        gating_bias_initializer: InitializerSpec = "zeros",
+        expert_kernel_regularizer: RegularizerSpec = None,
+        gating_kernel_regularizer: RegularizerSpec = None,
+        expert_bias_regularizer: RegularizerSpec = None,
+        gating_bias_regularizer: RegularizerSpec = None,
+        expert_kernel_constraint: ConstraintSpec = None,
+        gating_kernel_constraint: ConstraintSpec = None,
+        expert_bias_constraint: ConstraintSpec = None,
+        gating_bias_constraint: ConstraintSpec = None,
+        activity_regularizer: RegularizerSpec = None,
+    ) -> None:
+        super().__init__()
+        self.n_experts = check_positive_int(n_experts, "n_experts")
+        self.expert_activation = resolve_activation(expert_activation, "expert_activation")
+        self.gating_activation = resolve_activation(gating_activation, "gating_activation")
+        self.use_expert_bias = bool(use_expert_bias)
+        self.use_gating_bias = bool(use_gating_bias)
+        self.expert_kernel_initializer_scale = check_scale(
+            expert_kernel_initializer_scale, "expert_kernel_initializer_scale"
+        )
+        self.gating_kernel_initializer_scale = check_scale(
+            gating_kernel_initializer_scale, "gating_kernel_initializer_scale"
+        )
+        self._bias_initializers = {
+            "expert_bias": resolve_initializer(expert_bias_initializer, "expert_bias_initializer"),
+            "gating_bias": resolve_initializer(gating_bias_initializer, "gating_bias_initializer"),
+        }
+        self._regularizers = {
+            name: resolve_regularizer(spec, f"{name}_regularizer")
+            for name, spec in zip(
+                PARAM_NAMES,
+                (
+                    expert_kernel_regularizer,
+                    gating_kernel_regularizer,
+                    expert_bias_regularizer,
+                    gating_bias_regularizer,
+                ),
+            )
+        }
+        self._constraints = {
+            name: resolve_constraint(spec, f"{name}_constraint")
+            for name, spec in zip(
+                PARAM_NAMES,
+                (
+                    expert_kernel_constraint,
+                    gating_kernel_constraint,
+                    expert_bias_constraint,
+                    gating_bias_constraint,
+                ),
+            )
+        }
+        self._activity_regularizer = resolve_regularizer(
+            activity_regularizer, "activity_regularizer"
+        )
+        self.last_gates: Tensor | None = None
+        self._activity_penalty: Tensor | None = None
+
+    # -- parameters ----------------------------------------------------------------------------
+
+    def _make_biases(self, expert_shape: tuple[int, ...], gating_shape: tuple[int, ...]) -> None:
+        self.expert_bias = nn.Parameter(torch.empty(expert_shape)) if self.use_expert_bias else None
+        self.gating_bias = nn.Parameter(torch.empty(gating_shape)) if self.use_gating_bias else None
+
+    def _reset_biases(self) -> None:
+        with torch.no_grad():
+            for name, init in self._bias_initializers.items():
+                param = getattr(self, name)
+                if param is not None:
+                    init(param)
+
+    def named_moe_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name in PARAM_NAMES:
+            param = getattr(self, name)
+            if param is not None:
+                yield name, param
+
+    def _constraint_axes(self, name: str) -> tuple[int, ...]:
+        """The fan-in axes of each parameter, over which norm constraints act by default."""
+        return (0,)
+
+    # -- gate ----------------------------------------------------------------------------------
+
+    def _gate(self, logits: Tensor) -> Tensor:
+        """Gate logits ``(N, G, K)`` -> gates ``(N, G, K)``; softmax runs over the experts axis.
+
+        Computed in float32 under autocast, so low-precision training keeps an accurate gate.
+        """
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            gates = self.gating_activation(logits.float(), -1).to(logits.dtype)
+        else:
+            gates = self.gating_activation(logits, -1)
+        self.last_gates = gates
+        return gates
+
+    def _check_dtype(self, x: Tensor) -> None:
+        if not x.is_floating_point():
+            raise ValueError(
+                f"{type(self).__name__} expected a floating-point input, got dtype {x.dtype}"
+            )
+        dtype = self.expert_kernel.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"{type(self).__name__} has {dtype} weights but got a {x.dtype} input; convert one "
+                f"of them (layer.to({dtype}) or x.to({dtype})) or run under torch.autocast"
+            )
+
+    def _record_activity(self, output: Tensor) -> None:
+        if self._activity_regularizer is not None:
+            self._activity_penalty = self._activity_regularizer(output)
+
+    # -- penalties, constraints, statistics --------------------------------------------------------
+
+    def regularization_loss(self) -> Tensor:
+        """Sum of the weight penalties plus the activity penalty of the last forward (Keras adds
+        the activity penalty unscaled by batch size, and so do we)."""
+        total = self.expert_kernel.new_zeros(())
+        for name, param in self.named_moe_parameters():
+            reg = self._regularizers[name]
+            if reg is not None:
+                total = total + reg(param)
+        if self._activity_penalty is not None:
+            total = total + self._activity_penalty
+        return total
+
+    @torch.no_grad()
+    def apply_constraints(self) -> None:
+        """Project the constrained weights in place; call after every optimizer step."""
+        for name, param in self.named_moe_parameters():
+            constraint = self._constraints[name]
+            if constraint is not None:
+                param.copy_(constraint(param, self._constraint_axes(name)))
+
+    @torch.no_grad()
+    def routing_stats(self) -> dict[str, Tensor]:
+        """Expert usage in the last forward, per expert, as device tensors (no host sync):
+
+        - ``importance`` ``(K,)``: mean gate of each expert;
+        - ``load`` ``(K,)``: fraction of (sample, gate group) pairs whose largest gate is expert k;
+        - ``entropy`` ``()``: mean entropy (nats) of the gate distribution, gates normalised to sum 1.
+        """
+        if self.last_gates is None:
+            raise RuntimeError("routing_stats() needs a forward pass first")
+        gates = self.last_gates.detach().float().flatten(0, -2)  # (N*G, K)
+        importance = gates.mean(0)
+        top = gates.argmax(-1)
+        load = torch.zeros_like(importance).index_add_(0, top, torch.ones_like(top, dtype=gates.dtype))
+        load = load / gates.shape[0]
+        p = gates.clamp_min(0)
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+        return {"importance": importance, "load": load, "entropy": entropy}
+
+    def _moe_repr(self) -> str:
+        parts = [
+            f"n_experts={self.n_experts}",
+            f"expert_activation={self.expert_activation.name}",
+            f"gating_activation={self.gating_activation.name}",
+        ]
+        if not self.use_expert_bias:
+            parts.append("use_expert_bias=False")
+        if not self.use_gating_bias:
+            parts.append("use_gating_bias=False")
+        regs = [n for n, r in self._regularizers.items() if r is not None]
+        if regs:
+            parts.append(f"regularized={regs}")
+        cons = [n for n, c in self._constraints.items() if c is not None]
+        if cons:
+            parts.append(f"constrained={cons}")
+        return ", ".join(parts)
