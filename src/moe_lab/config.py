@@ -1,0 +1,95 @@
+"""Where the Hydra configs live, and the checks a config passes before any training starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+import moe_lab.utils.resolvers  # noqa: F401  (registers ${uid:} and friends before Hydra composes)
+
+
+def _find_config_dir() -> Path:
+    env = os.environ.get("MOE_LAB_CONFIG_DIR")
+    candidates = [Path(env)] if env else []
+    # src/moe_lab/config.py -> repository root / conf (the package is installed editable)
+    candidates.append(Path(__file__).resolve().parents[2] / "conf")
+    for candidate in candidates:
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    # Defer the error to first use so that `import moe_lab` never fails.
+    return candidates[-1]
+
+
+CONFIG_DIR = _find_config_dir()
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, found before any training starts."""
+
+
+def _require(cfg: DictConfig, key: str, check: Any, expected: str) -> None:
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None or not check(value):
+        raise ConfigError(f"{key}={value!r} is invalid: expected {expected} (override it, e.g. {key}=...)")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Check the values that would otherwise fail deep inside torch or Lightning."""
+    if not (CONFIG_DIR / "train.yaml").is_file():
+        raise ConfigError(f"config dir {CONFIG_DIR} has no train.yaml; set MOE_LAB_CONFIG_DIR")
+    _require(cfg, "seed", _is_int, "an integer")
+    _require(cfg, "trainer.max_epochs", lambda v: _is_int(v) and v >= 1, "a positive integer")
+    _require(cfg, "data.batch_size", lambda v: _is_int(v) and v >= 1, "a positive integer")
+    _require(cfg, "data.val_split", lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a fraction in [0, 1)")
+    _require(cfg, "experts.n_experts", lambda v: _is_int(v) and v >= 1, "a positive integer")
+    _require(cfg, "optimizer.lr", lambda v: isinstance(v, (int, float)) and v > 0, "a positive number")
+    weights = cfg.experts.get("aux_loss_weights") or {}
+    for name, weight in weights.items():
+        if not isinstance(weight, (int, float)) or weight < 0:
+            raise ConfigError(f"experts.aux_loss_weights.{name}={weight!r} is invalid: expected a number >= 0")
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+
+
+# Parts of the config that define what a run computes: a resumed run must keep them.
+RESUME_KEYS = ("data", "model", "experts", "activation", "optimizer", "scheduler", "seed")
+
+
+def check_resume(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint to resume from, or None for a fresh run.
+
+    ``resume=RUN_DIR`` continues a killed run in place: same dir, same CSV history, from
+    ``checkpoints/last.ckpt``. The run's recorded config must match the current one in the keys
+    that define the experiment, so that a resumed run is the same run.
+    """
+    resume = cfg.get("resume")
+    if not resume:
+        return None
+    resume_dir = Path(str(resume)).expanduser().resolve()
+    if not resume_dir.is_dir():
+        raise ConfigError(f"resume={resume}: no such run dir; pass the output dir of the run to continue")
+    ckpt = resume_dir / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise ConfigError(
+            f"resume={resume}: {ckpt} does not exist (the run stopped before its first checkpoint); "
+            "start it again without resume="
+        )
+    original_path = resume_dir / ".hydra" / "config.yaml"
+    if original_path.is_file():
+        original = OmegaConf.load(original_path)
+        differing = [key for key in RESUME_KEYS if _plain(original.get(key)) != _plain(cfg.get(key))]
+        if differing:
+            raise ConfigError(
+                f"resume={resume}: the run was started with different {', '.join(sorted(set(differing)))}; "
+                "repeat the original command's overrides together with resume="
+            )
+    return str(ckpt)

@@ -1,0 +1,86 @@
+"""Training callbacks and plugins: divergence detection and atomic checkpoint writes."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from moe_lab.utils.io import atomic_write
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        super().__init__(
+            f"training loss is {value} at epoch {epoch}, step {step}: the run diverged; "
+            "try a lower learning rate, gradient clipping (trainer.gradient_clip_val=1.0) or "
+            "float32 precision"
+        )
+        self.epoch, self.step, self.value = epoch, step, value
+
+
+class DivergenceMonitor(L.Callback):
+    """Stops the run with :class:`DivergedError` when the training loss is not finite.
+
+    On CPU the check is immediate. On CUDA it never blocks the host: each step's flag is copied
+    to pinned memory asynchronously and read one step later, once its event has completed, so a
+    divergence stops the run at most one step late (the reported step is the diverging one).
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[torch.cuda.Event, torch.Tensor, torch.Tensor, int, int]] = []
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        loss = loss.detach()
+        epoch, step = trainer.current_epoch, trainer.global_step
+        if loss.device.type != "cuda":
+            if not torch.isfinite(loss):
+                raise DivergedError(epoch, step, float(loss))
+            return
+        host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+        host.copy_(loss, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((event, host, loss, epoch, step))
+        self._check(block=False)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(block=True)
+
+    def _check(self, block: bool) -> None:
+        while self._pending:
+            event, host, _, epoch, step = self._pending[0]
+            if not block and not event.query():
+                return
+            event.synchronize()
+            self._pending.pop(0)
+            if not torch.isfinite(host):
+                self._pending.clear()
+                raise DivergedError(epoch, step, float(host))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it into place, so a kill never
+    leaves a truncated ``last.ckpt``; loads with ``weights_only=True`` unless told otherwise."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        atomic_write(os.fspath(path), lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if weights_only is None:
+            weights_only = True
+        return super().load_checkpoint(
+            path, map_location=map_location or (lambda storage, loc: storage), weights_only=weights_only
+        )
