@@ -1,0 +1,150 @@
+"""``build_model``: the one entry point the configs in ``conf/model/`` instantiate."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from moe_lab.layers.options import ActivationSpec
+
+from .complexity import count_flops, count_params
+from .matching import MATCH_KINDS, match_width
+from .seed_cnn import INITS, SeedCNN, check_input_shape, check_moe_kwargs
+from .topology import check_width_multiplier, parse_topology
+
+BUILD_KINDS = ("cnn", "moe", "cnn_matched")
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (or any Mapping / Sequence) -> plain dicts and lists, so the model
+    and its ``model_info`` never hold config objects."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def build_model(
+    kind: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    topology: Mapping[str, Any],
+    *,
+    n_experts: int = 2,
+    expert_activation: ActivationSpec = "relu",
+    gating_activation: ActivationSpec = "softmax",
+    width_multiplier: float = 1.0,
+    init: str = "keras",
+    moe_kwargs: Mapping[str, Any] | None = None,
+    match: str = "params",
+    match_tolerance: float = 0.01,
+    name: str | None = None,
+) -> SeedCNN:
+    """Build the seed CNN, its MoE twin, or a plain CNN widened to match the MoE twin.
+
+    Args:
+        kind: ``"cnn"`` (the seed's CNN), ``"moe"`` (every conv and the hidden dense become MoE
+            layers) or ``"cnn_matched"`` (a plain CNN whose width multiplier is searched so that
+            its trainable parameters, or FLOPs with ``match="flops"``, match those of the
+            ``"moe"`` model built from the same arguments).
+        input_shape: one example's shape ``(C, *spatial)``, 1 to 3 spatial dims.
+        num_classes: number of logits.
+        topology: the block list and dense head (see :mod:`moe_lab.models.topology`).
+        n_experts: experts per MoE layer K (for ``"moe"``, and the target of ``"cnn_matched"``).
+        expert_activation, gating_activation: of every MoE layer.
+        width_multiplier: scales every conv's channels and the hidden dense width (``"cnn"`` and
+            ``"moe"``); ``"cnn_matched"`` searches it and rejects any other value than 1.
+        init: ``"keras"`` (Glorot-uniform, zero biases) or ``"torch"`` for the plain layers.
+        moe_kwargs: extra keywords for every MoE layer.
+        match: ``"params"`` or ``"flops"`` (``"cnn_matched"`` only).
+        match_tolerance: the largest relative error accepted by the matching.
+        name: the run-naming label from the config; recorded in ``model_info``.
+
+    Returns:
+        a :class:`SeedCNN` with ``model_info`` (a dict: kind, name, n_experts, width_multiplier,
+        init, input_shape, num_classes, params, moe_kwargs, widths) and, for ``"cnn_matched"``,
+        ``match_info`` (match, width_multiplier, target, achieved, params, flops_per_example,
+        n_experts).
+
+    Shape:
+        the model maps ``(B, *input_shape)`` to logits ``(B, num_classes)``.
+    """
+    if kind not in BUILD_KINDS:
+        raise ValueError(f"kind must be one of {BUILD_KINDS}, got {kind!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if match not in MATCH_KINDS:
+        raise ValueError(f"match must be one of {MATCH_KINDS}, got {match!r}")
+    try:
+        tolerance = float(match_tolerance)
+    except (TypeError, ValueError):
+        tolerance = float("nan")
+    if not tolerance > 0:
+        raise ValueError(f"match_tolerance must be a number > 0, got {match_tolerance!r}")
+    shape = check_input_shape(input_shape)
+    spec = parse_topology(_plain(topology), len(shape) - 1)
+    moe_kwargs = _plain(check_moe_kwargs(moe_kwargs))
+    width_multiplier = check_width_multiplier(width_multiplier)
+    common: dict[str, Any] = dict(
+        input_shape=shape,
+        num_classes=num_classes,
+        n_experts=n_experts,
+        expert_activation=expert_activation,
+        gating_activation=gating_activation,
+        init=init,
+        moe_kwargs=moe_kwargs,
+    )
+
+    match_info = None
+    if kind == "cnn_matched":
+        if width_multiplier != 1.0:
+            raise ValueError(
+                f"kind='cnn_matched' searches the width multiplier itself; drop "
+                f"width_multiplier={width_multiplier:g} (or use kind='cnn' to set it by hand)"
+            )
+
+        def measure_of(model: SeedCNN) -> int:
+            return count_params(model) if match == "params" else count_flops(model, shape)
+
+        # Candidate models live on the meta device: shapes only, no memory, no RNG draws.
+        with torch.device("meta"):
+            target = measure_of(SeedCNN(topology=spec, kind="moe", **common))
+
+        def measure(m: float) -> int:
+            with torch.device("meta"):
+                return measure_of(SeedCNN(topology=spec, kind="cnn", width_multiplier=m, **common))
+
+        found = match_width(spec, measure, target, tolerance=tolerance, what=match)
+        width_multiplier = found.width_multiplier
+        model = SeedCNN(topology=spec, kind="cnn", width_multiplier=width_multiplier, **common)
+        match_info = {
+            "match": match,
+            "width_multiplier": width_multiplier,
+            "target": target,
+            "achieved": found.achieved,
+            "params": count_params(model),
+            "flops_per_example": count_flops(model, shape),
+            "n_experts": n_experts,
+        }
+    else:
+        model = SeedCNN(topology=spec, kind=kind, width_multiplier=width_multiplier, **common)
+
+    model.model_info = {
+        "kind": kind,
+        "name": name if name is not None else kind,
+        "n_experts": n_experts if kind != "cnn" else None,
+        "width_multiplier": width_multiplier,
+        "init": init,
+        "input_shape": list(shape),
+        "num_classes": num_classes,
+        "params": count_params(model),
+        "match_target": None if match_info is None else match_info["target"],
+        "moe_kwargs": moe_kwargs if kind != "cnn" else None,
+        "widths": list(model.topology.base_widths()),
+    }
+    if match_info is not None:
+        model.match_info = match_info
+    return model

@@ -1,0 +1,218 @@
+"""The seed's CIFAR CNN (Keras ``cifar10_cnn``) for 1D, 2D and 3D inputs, and its MoE twin."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from moe_lab.layers import Conv1dMoE, Conv2dMoE, Conv3dMoE, DenseMoE, MoEBase
+from moe_lab.layers.options import ActivationSpec
+
+from .topology import TopologySpec, check_width_multiplier, parse_topology, trace_spatial_sizes
+
+KINDS = ("cnn", "moe")
+INITS = ("keras", "torch")
+# Set by the builder from the model's own geometry; a moe_kwargs entry for them is a mistake.
+RESERVED_MOE_KWARGS = (
+    "in_channels",
+    "out_channels",
+    "in_features",
+    "out_features",
+    "n_experts",
+    "kernel_size",
+    "input_size",
+    "stride",
+    "padding",
+    "dilation",
+    "expert_activation",
+    "gating_activation",
+)
+
+_CONV: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_MOE: dict[int, type[MoEBase]] = {1: Conv1dMoE, 2: Conv2dMoE, 3: Conv3dMoE}
+_POOL: dict[int, type[nn.Module]] = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_PAD: dict[int, type[nn.Module]] = {1: nn.ConstantPad1d, 2: nn.ConstantPad2d, 3: nn.ConstantPad3d}
+
+
+def check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    """``(C, *spatial)`` with 1 to 3 spatial dims, all positive ints."""
+    try:
+        shape = tuple(int(n) for n in input_shape)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"input_shape must be (channels, *spatial) ints, got {input_shape!r}"
+        ) from None
+    if not 2 <= len(shape) <= 4 or any(n < 1 for n in shape):
+        raise ValueError(
+            f"input_shape must be (channels, *spatial) with 1 to 3 positive spatial sizes, e.g. "
+            f"(3, 32, 32) for CIFAR images, got {input_shape!r}"
+        )
+    return shape
+
+
+def check_moe_kwargs(moe_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A plain dict copy of the per-layer MoE keywords, rejecting those the builder sets."""
+    if moe_kwargs is None:
+        return {}
+    if not isinstance(moe_kwargs, Mapping):
+        raise ValueError(f"moe_kwargs must be a mapping of MoE layer keywords, got {moe_kwargs!r}")
+    kwargs = dict(moe_kwargs)
+    clash = sorted(set(kwargs) & set(RESERVED_MOE_KWARGS))
+    if clash:
+        raise ValueError(
+            f"moe_kwargs may not set {clash}: the builder derives them from the topology and its "
+            "own arguments (use n_experts=, expert_activation=, gating_activation= instead)"
+        )
+    return kwargs
+
+
+class SeedCNN(nn.Module):
+    """The seed's CIFAR CNN topology (SPEC 1.3) for 1D/2D/3D inputs, plain or mixture-of-experts.
+
+    ``kind="cnn"``: per block ``[Conv, ReLU] * n, MaxPool, Dropout``; then ``Flatten,
+    Linear(dense_units), ReLU, Dropout, Linear(num_classes)``.
+
+    ``kind="moe"``: every conv is a ``Conv{1,2,3}dMoE`` with the same filters and ``n_experts``
+    experts per filter, the hidden dense a ``DenseMoE``; their expert activation replaces the
+    ReLU. The classifier head stays a plain ``Linear``.
+
+    Convs use Keras padding (``'same'`` pads the smaller half before, the larger after); an
+    asymmetric amount becomes an explicit zero-pad module before a plain conv.
+
+    Args:
+        input_shape: ``(C, *spatial)``, 1 to 3 spatial dims.
+        num_classes: logits out.
+        topology: a topology mapping (see :mod:`moe_lab.models.topology`) or a parsed spec.
+        kind: ``"cnn"`` or ``"moe"``.
+        n_experts: experts per MoE layer (K), used by ``kind="moe"``.
+        expert_activation, gating_activation: of every MoE layer (``"relu"``, ``"softmax"`` as in
+            the seed demo).
+        width_multiplier: scales every conv's channels and the hidden dense width (rounded half
+            up, at least 1).
+        init: ``"keras"`` (Glorot-uniform kernels, zero biases) or ``"torch"`` (PyTorch defaults)
+            for the plain convs and linears; MoE layers keep the seed's init.
+        moe_kwargs: extra keywords for every MoE layer (regularizers, constraints, routing...).
+
+    Shape:
+        input ``(B, C, *spatial)`` -> logits ``(B, num_classes)``.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        topology: Mapping[str, Any] | TopologySpec,
+        *,
+        kind: str = "cnn",
+        n_experts: int = 2,
+        expert_activation: ActivationSpec = "relu",
+        gating_activation: ActivationSpec = "softmax",
+        width_multiplier: float = 1.0,
+        init: str = "keras",
+        moe_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.input_shape = check_input_shape(input_shape)
+        self.ndim = len(self.input_shape) - 1
+        self.kind = kind
+        self.num_classes = num_classes
+        self.width_multiplier = check_width_multiplier(width_multiplier)
+        self.n_experts = n_experts if kind == "moe" else None
+        self.init = init
+        spec = parse_topology(topology, self.ndim).scaled(self.width_multiplier)
+        self.topology = spec
+        geometry, final_size = trace_spatial_sizes(spec, self.input_shape)
+        self.spatial_sizes = [[g.output_size for g in convs] for convs in geometry]
+        moe_layer_kwargs = dict(
+            n_experts=n_experts,
+            expert_activation=expert_activation,
+            gating_activation=gating_activation,
+            **check_moe_kwargs(moe_kwargs),
+        )
+
+        d = self.ndim
+        features: OrderedDict[str, nn.Module] = OrderedDict()
+        channels = self.input_shape[0]
+        for i, (block, convs) in enumerate(zip(spec.blocks, geometry, strict=True)):
+            for j, (out_channels, k, padding, geo) in enumerate(
+                zip(block.channels, block.kernel_sizes, block.paddings, convs, strict=True)
+            ):
+                name = f"block{i}_conv{j}"
+                if kind == "moe":
+                    features[name] = _CONV_MOE[d](
+                        channels,
+                        out_channels,
+                        kernel_size=k,
+                        input_size=geo.input_size,
+                        padding=padding,
+                        **moe_layer_kwargs,
+                    )
+                else:
+                    symmetric = all(before == after for before, after in geo.pads)
+                    if not symmetric:
+                        # F.pad order: last dim first, (before, after) each
+                        amounts = tuple(a for pair in reversed(geo.pads) for a in pair)
+                        features[f"block{i}_pad{j}"] = _PAD[d](amounts, 0.0)
+                    conv_padding = tuple(b for b, _ in geo.pads) if symmetric else 0
+                    features[name] = _CONV[d](channels, out_channels, k, padding=conv_padding)
+                    features[f"block{i}_relu{j}"] = nn.ReLU()
+                channels = out_channels
+            if block.pool is not None:
+                features[f"block{i}_pool"] = _POOL[d](block.pool, stride=block.pool)
+            if block.dropout > 0:
+                features[f"block{i}_dropout"] = nn.Dropout(block.dropout)
+        self.features = nn.Sequential(features)
+
+        flat_features = channels
+        for n in final_size:
+            flat_features *= n
+        classifier: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+        if kind == "moe":
+            classifier["dense"] = DenseMoE(flat_features, spec.dense_units, **moe_layer_kwargs)
+        else:
+            classifier["dense"] = nn.Linear(flat_features, spec.dense_units)
+            classifier["relu"] = nn.ReLU()
+        if spec.dense_dropout > 0:
+            classifier["dropout"] = nn.Dropout(spec.dense_dropout)
+        classifier["head"] = nn.Linear(spec.dense_units, num_classes)
+        self.classifier = nn.Sequential(classifier)
+
+        if init == "keras":
+            self._keras_init()
+
+    def _keras_init(self) -> None:
+        """Glorot-uniform kernels and zero biases for the plain convs and linears (Keras'
+        defaults; the MoE layers have their own init)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def moe_layers(self) -> dict[str, MoEBase]:
+        """The MoE layers by qualified name (e.g. ``"features.block0_conv0"``, ``"classifier.dense"``)."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, MoEBase)}
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != self.ndim + 2 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"SeedCNN was built for inputs (B, {', '.join(map(str, self.input_shape))}), got "
+                f"shape {tuple(x.shape)}; build it with input_shape={tuple(x.shape[1:])}"
+            )
+        return self.classifier(self.features(x))
+
+    def extra_repr(self) -> str:
+        parts = [f"kind={self.kind!r}", f"input_shape={self.input_shape}"]
+        if self.n_experts is not None:
+            parts.append(f"n_experts={self.n_experts}")
+        parts.append(f"width_multiplier={self.width_multiplier:g}")
+        return ", ".join(parts)
