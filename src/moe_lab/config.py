@@ -33,7 +33,9 @@ class ConfigError(ValueError):
 def _require(cfg: DictConfig, key: str, check: Any, expected: str) -> None:
     value = OmegaConf.select(cfg, key, default=None)
     if value is None or not check(value):
-        raise ConfigError(f"{key}={value!r} is invalid: expected {expected} (override it, e.g. {key}=...)")
+        raise ConfigError(
+            f"{key}={value!r} is invalid: expected {expected} (override it, e.g. {key}=...)"
+        )
 
 
 def _is_int(v: Any) -> bool:
@@ -47,13 +49,22 @@ def validate_train_config(cfg: DictConfig) -> None:
     _require(cfg, "seed", _is_int, "an integer")
     _require(cfg, "trainer.max_epochs", lambda v: _is_int(v) and v >= 1, "a positive integer")
     _require(cfg, "data.batch_size", lambda v: _is_int(v) and v >= 1, "a positive integer")
-    _require(cfg, "data.val_split", lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a fraction in [0, 1)")
+    _require(
+        cfg,
+        "data.val_split",
+        lambda v: isinstance(v, (int, float)) and 0 <= v < 1,
+        "a fraction in [0, 1)",
+    )
     _require(cfg, "experts.n_experts", lambda v: _is_int(v) and v >= 1, "a positive integer")
-    _require(cfg, "optimizer.lr", lambda v: isinstance(v, (int, float)) and v > 0, "a positive number")
+    _require(
+        cfg, "optimizer.lr", lambda v: isinstance(v, (int, float)) and v > 0, "a positive number"
+    )
     weights = cfg.experts.get("aux_loss_weights") or {}
     for name, weight in weights.items():
         if not isinstance(weight, (int, float)) or weight < 0:
-            raise ConfigError(f"experts.aux_loss_weights.{name}={weight!r} is invalid: expected a number >= 0")
+            raise ConfigError(
+                f"experts.aux_loss_weights.{name}={weight!r} is invalid: expected a number >= 0"
+            )
 
 
 def _plain(node: Any) -> Any:
@@ -76,7 +87,9 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> str | None:
         return None
     resume_dir = Path(str(resume)).expanduser().resolve()
     if not resume_dir.is_dir():
-        raise ConfigError(f"resume={resume}: no such run dir; pass the output dir of the run to continue")
+        raise ConfigError(
+            f"resume={resume}: no such run dir; pass the output dir of the run to continue"
+        )
     ckpt = resume_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         raise ConfigError(
@@ -86,7 +99,9 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     original_path = resume_dir / ".hydra" / "config.yaml"
     if original_path.is_file():
         original = OmegaConf.load(original_path)
-        differing = [key for key in RESUME_KEYS if _plain(original.get(key)) != _plain(cfg.get(key))]
+        differing = [
+            key for key in RESUME_KEYS if _plain(original.get(key)) != _plain(cfg.get(key))
+        ]
         if differing:
             raise ConfigError(
                 f"resume={resume}: the run was started with different {', '.join(sorted(set(differing)))}; "

@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from moe_lab.config import CONFIG_DIR, ConfigError, check_resume, validate_train_config
@@ -29,9 +31,13 @@ from moe_lab.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("moe_lab.train")
 
+# conf/hydra/launcher/{basic,joblib,submitit_slurm}.yaml deliberately carry the plugins' names, so
+# Hydra matches them against the plugins' schemas and says so on every run.
+warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema.*")
+
 SUMMARY_FIELDS = (
     "experiment", "model", "data", "n_experts", "top_k", "seed", "params", "flops_per_example",
-    "width_multiplier", "match_target", "status", "error_type", "error_message", "diverged_at",
+    "width_multiplier", "match", "match_target", "status", "error_type", "error_message", "diverged_at",
     "epochs", "max_epochs", "val_acc_last", "val_acc_best", "test_acc", "wall_time_s", "run_dir",
     "overrides",
 )  # fmt: skip
@@ -51,6 +57,17 @@ def _is_multirun() -> bool:
         return False
 
 
+def _is_main_process() -> bool:
+    return rank_zero_only.rank == 0
+
+
+def _group_choice(group: str) -> str | None:
+    try:
+        return HydraConfig.get().runtime.choices.get(group)
+    except ValueError:
+        return None
+
+
 def _initial_summary(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = dict.fromkeys(SUMMARY_FIELDS)
     model_cfg = cfg.get("model") or {}
@@ -58,8 +75,10 @@ def _initial_summary(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary.update(
         experiment=cfg.get("experiment_name"),
         model=model_cfg.get("name"),
-        data=cfg.get("data_name"),
-        n_experts=experts_cfg.get("n_experts") if model_cfg.get("kind") != "cnn" or model_cfg.get("match") else None,
+        data=_group_choice("data"),
+        n_experts=experts_cfg.get("n_experts")
+        if model_cfg.get("kind") != "cnn" or model_cfg.get("match")
+        else None,
         top_k=(experts_cfg.get("moe_kwargs") or {}).get("top_k"),
         seed=cfg.get("seed"),
         max_epochs=(cfg.get("trainer") or {}).get("max_epochs"),
@@ -87,14 +106,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         datamodule = instantiate(cfg.data)
         summary["data"] = datamodule.name
-        net = instantiate(cfg.model)(input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
+        net = instantiate(cfg.model)(
+            input_shape=datamodule.input_shape, num_classes=datamodule.num_classes
+        )
         summary["params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
         summary["flops_per_example"] = count_flops(net, datamodule.input_shape)
-        match_info = getattr(net, "match_info", None) or {}
-        summary["width_multiplier"] = match_info.get("width_multiplier", 1.0)
-        summary["match_target"] = match_info or None
+        info = getattr(net, "model_info", {})
+        summary["n_experts"] = info.get("n_experts", summary["n_experts"])
+        summary["width_multiplier"] = info.get("width_multiplier", 1.0)
+        summary["match_target"] = info.get("match_target")
+        summary["match"] = (getattr(net, "match_info", None) or {}).get("match")
         if cfg.get("channels_last"):
-            net = net.to(memory_format=torch.channels_last) if len(datamodule.input_shape) == 3 else net
+            net = (
+                net.to(memory_format=torch.channels_last)
+                if len(datamodule.input_shape) == 3
+                else net
+            )
         if cfg.get("compile"):
             net.compile()
 
@@ -124,7 +151,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
         for lg in loggers:
             lg.log_hyperparams(
-                {"params": summary["params"], "flops_per_example": summary["flops_per_example"], "config": OmegaConf.to_container(cfg, resolve=True)}  # fmt: skip
+                {
+                    "params": summary["params"],
+                    "flops_per_example": summary["flops_per_example"],
+                    "config": OmegaConf.to_container(cfg, resolve=True),
+                }
             )
             if hasattr(lg, "experiment") and hasattr(lg.experiment, "id"):
                 summary["wandb_id"] = lg.experiment.id
@@ -133,7 +164,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _record_history(summary, lit)
 
         held_out = float(cfg.data.get("val_split", 0.0) or 0.0) > 0
-        trainer.test(lit, datamodule=datamodule, ckpt_path="best" if held_out else None, weights_only=True, verbose=False)
+        trainer.test(
+            lit,
+            datamodule=datamodule,
+            ckpt_path="best" if held_out else None,
+            weights_only=True,
+            verbose=False,
+        )
         summary["test_acc"] = lit.test_result.get("test_acc")
         summary["status"] = "completed"
     except DivergedError as err:
@@ -142,13 +179,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.error("run diverged: %s", err)
     except Exception as err:  # a failing job must not sink the sweep: record it and move on
         summary.update(status="failed", error_type=type(err).__name__, error_message=str(err))
-        atomic_write_text(run_dir / "error.log", traceback.format_exc())
-        log.error("run failed: %s: %s (traceback in %s)", type(err).__name__, err, run_dir / "error.log")
+        if _is_main_process():
+            atomic_write_text(run_dir / "error.log", traceback.format_exc())
+        log.error(
+            "run failed: %s: %s (traceback in %s)", type(err).__name__, err, run_dir / "error.log"
+        )
     finally:
         if lit is not None:
             _record_history(summary, lit)
         summary["wall_time_s"] = round(time.perf_counter() - start, 3)
-        atomic_write_json(run_dir / "summary.json", summary)
+        if _is_main_process():  # DDP's other ranks run this function too
+            atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
 

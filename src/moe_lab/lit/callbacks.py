@@ -36,7 +36,12 @@ class DivergenceMonitor(L.Callback):
         self._pending: list[tuple[torch.cuda.Event, torch.Tensor, torch.Tensor, int, int]] = []
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None:
@@ -73,14 +78,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file and renames it into place, so a kill never
     leaves a truncated ``last.ckpt``; loads with ``weights_only=True`` unless told otherwise."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
         atomic_write(os.fspath(path), lambda f: torch.save(checkpoint, f))
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         if weights_only is None:
             weights_only = True
         return super().load_checkpoint(
-            path, map_location=map_location or (lambda storage, loc: storage), weights_only=weights_only
+            path,
+            map_location=map_location or (lambda storage, loc: storage),
+            weights_only=weights_only,
         )

@@ -59,7 +59,9 @@ class Classifier(L.LightningModule):
     ) -> None:
         super().__init__()
         if scheduler_interval not in ("step", "epoch"):
-            raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
+            raise ValueError(
+                f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}"
+            )
         self.model = model
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
@@ -115,7 +117,9 @@ class Classifier(L.LightningModule):
         self.train_acc.update(logits.detach(), y)
         return loss
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], loss_metric: MeanMetric, acc: MulticlassAccuracy) -> None:
+    def _eval_step(
+        self, batch: tuple[Tensor, Tensor], loss_metric: MeanMetric, acc: MulticlassAccuracy
+    ) -> None:
         x, y = batch
         logits = self(x)
         loss_metric.update(F.cross_entropy(logits, y), weight=y.shape[0])
@@ -179,7 +183,11 @@ class Classifier(L.LightningModule):
         row["train_acc"] = _compute(self.train_acc)
         row["val_loss"] = _compute(self.val_loss)
         row["val_acc"] = _compute(self.val_acc)
-        row["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else float("nan")
+        row["lr"] = (
+            self.trainer.optimizers[0].param_groups[0]["lr"]
+            if self.trainer.optimizers
+            else float("nan")
+        )
         row.update(self._gate_epoch_stats())
         self.val_loss.reset()
         self.val_acc.reset()
@@ -196,10 +204,15 @@ class Classifier(L.LightningModule):
         self._write_metrics()
 
     def on_test_epoch_end(self) -> None:
-        self.test_result = {"test_loss": _compute(self.test_loss), "test_acc": _compute(self.test_acc)}
+        self.test_result = {
+            "test_loss": _compute(self.test_loss),
+            "test_acc": _compute(self.test_acc),
+        }
         self.test_loss.reset()
         self.test_acc.reset()
-        self.log_dict({"test/loss": self.test_result["test_loss"], "test/acc": self.test_result["test_acc"]})
+        self.log_dict(
+            {"test/loss": self.test_result["test_loss"], "test/acc": self.test_result["test_acc"]}
+        )
 
     def _write_metrics(self) -> None:
         if self.metrics_path is None or self.global_rank != 0:

@@ -1,0 +1,38 @@
+"""Shared fixtures: run the CLIs as a user would, in a scratch dir, with offline W&B."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", MPLBACKEND="Agg", CI="1", PYTHONUNBUFFERED="1")
+    env.pop("WANDB_API_KEY", None)
+    env.update(extra)
+    return env
+
+
+def run_module(module: str, *args: str, cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m module args...`` in ``cwd``; returns the finished process (never raises)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data dir for the session, so generated datasets are built once."""
+    return tmp_path_factory.mktemp("data")
