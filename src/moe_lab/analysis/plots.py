@@ -1,0 +1,204 @@
+"""Figures of a sweep: validation-accuracy curves (the seed figure's form) and expert usage.
+
+Figures are built as :class:`matplotlib.figure.Figure` on the Agg canvas, without pyplot, so
+importing this module never changes the global backend (a notebook keeps its inline backend and
+can display the returned figure).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from scipy import stats
+
+from ._io import atomic_write_bytes
+
+
+def _new_figure(n_rows: int, n_cols: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
+    figure = Figure(figsize=(width * n_cols, height * n_rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(n_rows, n_cols, squeeze=False)
+    return figure, axes
+
+
+def save_figure(figure: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Render ``figure`` to PNG and write it to ``path`` atomically."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _mean_se_by_epoch(values: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Mean, SE (scipy.stats.sem, ddof=1; NaN for n < 2) and n of ``column`` per epoch."""
+
+    def se(series: pd.Series) -> float:
+        series = series.dropna()
+        return float(stats.sem(series, ddof=1)) if len(series) >= 2 else math.nan
+
+    return values.groupby("epoch")[column].agg(mean="mean", se=se, n="count").reset_index()
+
+
+def _draw_band(
+    axis: Axes,
+    x: np.ndarray,
+    mean: np.ndarray,
+    se: np.ndarray,
+    label: str,
+    color: str | None = None,
+) -> None:
+    """A mean line with a ±SE band (no band where SE is undefined, n < 2)."""
+    (line,) = axis.plot(x, mean, marker="o", markersize=3, label=label, color=color)
+    band = np.nan_to_num(se, nan=0.0)
+    axis.fill_between(x, mean - band, mean + band, color=line.get_color(), alpha=0.25, linewidth=0)
+
+
+def plot_curves(
+    curves: pd.DataFrame,
+    path: str | Path | None = None,
+    title: str | None = None,
+    metric: str = "val_acc",
+) -> Figure:
+    """Validation accuracy vs epoch, mean ± SE band per group, one subplot per data.
+
+    Args:
+        curves: long per-epoch frame from :func:`~moe_lab.analysis.runs.load_curves`; only rows
+            with ``status == "completed"`` are drawn (failed runs never enter an average).
+        path: when given, the PNG is written there atomically.
+        title: figure title; default "Validation accuracy (mean ± SE over seeds)".
+        metric: the metrics.csv column to draw (default ``val_acc``).
+
+    The x axis shows 1-based epochs (epoch 0 of metrics.csv is drawn at 1, as Keras counts).
+    The legend names each group with its number of runs n; the band is ±1 SE where n ≥ 2.
+    """
+    if "status" in curves.columns:
+        curves = curves[curves["status"] == "completed"]
+    datasets = sorted(curves["data"].dropna().unique()) if len(curves) else []
+    figure, axes = _new_figure(1, max(1, len(datasets)), 6.0, 4.2)
+    figure.suptitle(title or "Validation accuracy (mean ± SE over seeds)")
+    if not datasets:
+        axis = axes[0, 0]
+        axis.text(
+            0.5,
+            0.5,
+            "no completed runs to plot",
+            ha="center",
+            va="center",
+            transform=axis.transAxes,
+        )
+        axis.set_axis_off()
+    # One colour per group across all subplots, so "cnn" is the same colour for every data.
+    colors = {g: f"C{i % 10}" for i, g in enumerate(sorted(curves["group"].dropna().unique()))}
+    for axis, data in zip(axes[0], datasets, strict=False):
+        data_curves = curves[curves["data"] == data]
+        for group, group_curves in data_curves.groupby("group", sort=True):
+            by_epoch = _mean_se_by_epoch(group_curves, metric)
+            n_runs = (
+                group_curves["run_name"].nunique()
+                if "run_name" in group_curves
+                else int(by_epoch["n"].max())
+            )
+            _draw_band(
+                axis,
+                by_epoch["epoch"].to_numpy(dtype=float) + 1,
+                by_epoch["mean"].to_numpy(dtype=float),
+                by_epoch["se"].to_numpy(dtype=float),
+                f"{group} (n={n_runs})",
+                color=colors[group],
+            )
+        axis.set_title(f"data: {data}")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("validation accuracy" if metric == "val_acc" else metric)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(True, alpha=0.3)
+        axis.legend(loc="lower right", fontsize="small")
+    if path is not None:
+        save_figure(figure, path)
+    return figure
+
+
+def plot_expert_usage(
+    usage: pd.DataFrame,
+    path: str | Path | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Expert usage per group: mean gate per expert per layer at the last epoch, entropy vs epoch.
+
+    Args:
+        usage: tidy frame from :func:`~moe_lab.analysis.runs.load_expert_usage`.
+        path: when given, the PNG is written there atomically.
+        title: figure title; default "Expert usage".
+
+    One row of panels per (data, group). Left: bars of the mean ``importance`` (mean gate
+    value) of each expert in each layer at each run's last epoch, ±1 SE over runs, with a dashed
+    line at the uniform share 1/K. Right: gate entropy per layer vs 1-based epoch, mean ± SE.
+
+    Raises:
+        ValueError: ``usage`` holds no importance column (only MoE runs log expert usage).
+    """
+    if usage.empty or not (usage["kind"] == "importance").any():
+        raise ValueError(
+            "no gate/<layer>/importance_<k> columns in metrics.csv: only MoE runs log expert usage; "
+            "pass the output of load_expert_usage(load_curves(runs)) for a sweep with MoE runs"
+        )
+    panels = list(usage.groupby(["data", "group"], sort=True).groups)
+    figure, axes = _new_figure(len(panels), 2, 6.0, 3.8)
+    figure.suptitle(title or "Expert usage")
+    for (data, group), (left, right) in zip(panels, axes, strict=True):
+        rows = usage[(usage["data"] == data) & (usage["group"] == group)]
+        n_runs = rows["run_name"].nunique()
+
+        importance = rows[rows["kind"] == "importance"]
+        last_epoch = importance.groupby("run_name")["epoch"].transform("max")
+        last = importance[importance["epoch"] == last_epoch]
+        layers = sorted(last["layer"].unique())
+        experts = sorted(last["expert"].dropna().unique())
+        width = 0.8 / max(1, len(experts))
+        for position, expert in enumerate(experts):
+            means, ses = [], []
+            for layer in layers:
+                values = last[(last["layer"] == layer) & (last["expert"] == expert)]["value"]
+                means.append(values.mean())
+                ses.append(float(stats.sem(values, ddof=1)) if len(values) >= 2 else 0.0)
+            x = np.arange(len(layers)) + (position - (len(experts) - 1) / 2) * width
+            left.bar(x, means, width=width, yerr=ses, capsize=2, label=f"expert {int(expert)}")
+        if experts:
+            left.axhline(
+                1 / len(experts), color="grey", linestyle="--", linewidth=1, label="uniform 1/K"
+            )
+        left.set_xticks(np.arange(len(layers)), layers, rotation=30, ha="right", fontsize="small")
+        left.set_ylabel("mean gate value (last epoch)")
+        left.set_title(f"{data}: {group} (n={n_runs})")
+        left.legend(fontsize="x-small")
+
+        entropy = rows[rows["kind"] == "entropy"]
+        for layer, layer_rows in entropy.groupby("layer", sort=True):
+            by_epoch = _mean_se_by_epoch(layer_rows, "value")
+            _draw_band(
+                right,
+                by_epoch["epoch"].to_numpy(dtype=float) + 1,
+                by_epoch["mean"].to_numpy(dtype=float),
+                by_epoch["se"].to_numpy(dtype=float),
+                str(layer),
+            )
+        right.set_xlabel("epoch")
+        right.set_ylabel("gate entropy")
+        right.set_title(f"{data}: {group}, gate entropy")
+        right.xaxis.set_major_locator(MaxNLocator(integer=True))
+        right.grid(True, alpha=0.3)
+        if len(entropy):
+            right.legend(fontsize="x-small")
+        else:
+            right.text(
+                0.5, 0.5, "no entropy logged", ha="center", va="center", transform=right.transAxes
+            )
+    if path is not None:
+        save_figure(figure, path)
+    return figure

@@ -1,0 +1,278 @@
+"""Per-group statistics of a sweep: mean ± standard error over seeds, Welch's t-test, Hedges' g.
+
+Definitions (the report's "how to read this" repeats them):
+
+- Standard error of the mean: ``SE = s / sqrt(n)`` with ``s`` the sample standard deviation
+  (``ddof=1``), i.e. :func:`scipy.stats.sem`. Undefined (NaN) for ``n < 2``.
+- Welch's t-test (:func:`scipy.stats.ttest_ind` with ``equal_var=False``), two-sided, of a group
+  against the baseline group of the same data; ``df`` is the Welch–Satterthwaite degrees of
+  freedom and the 95% confidence interval is that of the difference of means (group − baseline).
+- Effect size: Hedges' g = J · (mean_a − mean_b) / s_pooled with
+  ``s_pooled = sqrt(((n_a − 1) s_a² + (n_b − 1) s_b²) / (n_a + n_b − 2))`` and the exact
+  small-sample correction ``J = Γ(ν/2) / (sqrt(ν/2) · Γ((ν − 1)/2))``, ``ν = n_a + n_b − 2``
+  (Hedges 1981). Positive g: the group beats the baseline.
+
+Only ``completed`` runs are used; every other status is counted (``n_not_completed``) and never
+averaged in. p-values are not corrected for multiple comparisons.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import special, stats
+
+from .runs import RUN_STATUSES, group_keys
+
+#: Default baselines, in order of preference, looked up within each data.
+DEFAULT_BASELINES: tuple[str, ...] = ("cnn_matched", "cnn")
+#: Human names of the metrics a comparison can use.
+METRIC_NAMES: dict[str, str] = {
+    "test_acc": "test accuracy",
+    "val_acc_last": "last validation accuracy",
+    "val_acc_best": "best validation accuracy",
+}
+_SUMMARY_METRICS = ("val_acc_best", "val_acc_last", "test_acc")
+
+
+def standard_error(values: Any) -> float:
+    """``std(ddof=1) / sqrt(n)`` of the non-missing ``values`` via :func:`scipy.stats.sem`; NaN if n < 2."""
+    array = pd.Series(values, dtype=float).dropna().to_numpy()
+    if array.size < 2:
+        return math.nan
+    return float(stats.sem(array, ddof=1))
+
+
+def hedges_g(a: Any, b: Any) -> float:
+    """Hedges' g of sample ``a`` against sample ``b`` (formula in the module docstring).
+
+    NaN when either sample has fewer than 2 values or the pooled standard deviation is 0.
+    """
+    a = pd.Series(a, dtype=float).dropna().to_numpy()
+    b = pd.Series(b, dtype=float).dropna().to_numpy()
+    n_a, n_b = a.size, b.size
+    if n_a < 2 or n_b < 2:
+        return math.nan
+    dof = n_a + n_b - 2
+    pooled_var = ((n_a - 1) * a.var(ddof=1) + (n_b - 1) * b.var(ddof=1)) / dof
+    if pooled_var <= 0:
+        return math.nan
+    correction = math.exp(special.gammaln(dof / 2) - special.gammaln((dof - 1) / 2)) / math.sqrt(
+        dof / 2
+    )
+    return float(correction * (a.mean() - b.mean()) / math.sqrt(pooled_var))
+
+
+def welch_test(a: Any, b: Any, confidence: float = 0.95) -> dict[str, Any]:
+    """Two-sided Welch's t-test of ``a`` against ``b`` (``scipy.stats.ttest_ind(equal_var=False)``).
+
+    Returns a dict: ``diff`` (mean(a) − mean(b)), ``ci_low``/``ci_high`` (confidence interval of
+    ``diff``), ``t``, ``df`` (Welch–Satterthwaite), ``p_value``, ``hedges_g`` and ``note`` (why
+    the test is undefined, else ``""``). Undefined results are NaN.
+    """
+    a = pd.Series(a, dtype=float).dropna().to_numpy()
+    b = pd.Series(b, dtype=float).dropna().to_numpy()
+    result: dict[str, Any] = dict.fromkeys(
+        ("diff", "ci_low", "ci_high", "t", "df", "p_value", "hedges_g"), math.nan
+    )
+    result["note"] = ""
+    if a.size == 0 or b.size == 0:
+        result["note"] = "no value to compare"
+        return result
+    result["diff"] = float(a.mean() - b.mean())
+    if a.size < 2 or b.size < 2:
+        result["note"] = "needs ≥ 2 completed runs in each group"
+        return result
+    if a.var(ddof=1) == 0 and b.var(ddof=1) == 0:
+        result["note"] = "both groups have zero variance: t undefined"
+        return result
+    test = stats.ttest_ind(a, b, equal_var=False)
+    interval = test.confidence_interval(confidence_level=confidence)
+    result.update(
+        t=float(test.statistic),
+        df=float(test.df),
+        p_value=float(test.pvalue),
+        ci_low=float(interval.low),
+        ci_high=float(interval.high),
+        hedges_g=hedges_g(a, b),
+    )
+    return result
+
+
+def comparison_metric(completed: pd.DataFrame) -> str:
+    """``"test_acc"`` when every completed run has a test accuracy, else ``"val_acc_last"``."""
+    if len(completed) and completed["test_acc"].notna().all():
+        return "test_acc"
+    return "val_acc_last"
+
+
+def _single_value(series: pd.Series) -> float:
+    """The value shared by a group (params, FLOPs); NaN when absent. Differing values -> NaN."""
+    values = series.dropna().unique()
+    return float(values[0]) if len(values) == 1 else math.nan
+
+
+def _varying_overrides(group_runs: pd.DataFrame) -> list[str]:
+    """Override keys (other than seed) whose values differ within a group of repetitions."""
+    values: dict[str, set[str]] = {}
+    override_lists = [str(o).split() if isinstance(o, str) else [] for o in group_runs["overrides"]]
+    if not any(override_lists):
+        return []
+    for items in override_lists:
+        parsed = dict(item.partition("=")[::2] for item in items)
+        for key in parsed.keys() | values.keys():
+            values.setdefault(key, set()).add(parsed.get(key, "<unset>"))
+    return sorted(k for k, v in values.items() if len(v) > 1 and k.lstrip("+~") != "seed")
+
+
+def _pick_baseline(candidates: pd.DataFrame, row: pd.Series) -> tuple[pd.Series | None, str]:
+    """The baseline group for ``row`` among ``candidates`` (rows of the summary of one data)."""
+    if len(candidates) == 1:
+        return candidates.iloc[0], ""
+    # Same number of experts first (cnn_matched K=4 for moe K=4, whatever its top-k), then top-k.
+    same_k = candidates[_equal_or_both_missing(candidates["n_experts"], row["n_experts"])]
+    if len(same_k) > 1 and "top_k" in candidates.columns:
+        same_k = same_k[_equal_or_both_missing(same_k["top_k"], row["top_k"])]
+    if len(same_k) == 1:
+        return same_k.iloc[0], ""
+    return None, f"ambiguous baseline: {sorted(candidates['group'])}; pass a more specific sweep"
+
+
+def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
+    """One row per group (data × model × n_experts, × top_k when present) of ``runs``.
+
+    Args:
+        runs: the table from :func:`~moe_lab.analysis.runs.load_runs`.
+        baseline: the model name of the baseline group; default ``cnn_matched`` where the data
+            has it, else ``cnn``. Groups are compared only with the baseline of the same data.
+
+    Returns:
+        Columns ``data, group, model, n_experts[, top_k]``, ``n`` (completed runs),
+        ``n_not_completed`` (failed or diverged; partial, missing and invalid runs belong to no
+        group), ``seeds``, for each of ``val_acc_best``, ``val_acc_last``,
+        ``test_acc``: ``<m>_mean``, ``<m>_se``, ``<m>_n``; ``params``, ``flops_per_example``
+        (NaN when runs of the group disagree), ``wall_time_s_mean``, ``epochs_mean``,
+        ``is_baseline``, ``baseline_group``, ``metric`` (what the test compares), the
+        :func:`welch_test` fields ``diff, ci_low, ci_high, t, df, p_value, hedges_g`` and
+        ``note``, plus ``warning`` (e.g. overrides that vary inside a group).
+
+    Raises:
+        ValueError: ``baseline`` is given but no run of that model completed.
+    """
+    keys = group_keys(runs)
+    completed_all = runs[runs["status"] == "completed"]
+    if baseline is not None and not (completed_all["model"] == baseline).any():
+        present = sorted(completed_all["model"].dropna().unique())
+        raise ValueError(
+            f"baseline model {baseline!r} has no completed run in this sweep; completed models: {present}"
+        )
+
+    rows = []
+    # Partial, missing and invalid runs have no trustworthy group: report.md lists them apart.
+    placed = runs[runs["status"].isin(RUN_STATUSES)]
+    for key, group_runs in placed.groupby(keys, dropna=False, sort=True):
+        completed = group_runs[group_runs["status"] == "completed"]
+        row: dict[str, Any] = dict(zip(keys, key, strict=True))
+        row["group"] = group_runs["group"].iloc[0]
+        row["n"] = len(completed)
+        row["n_not_completed"] = len(group_runs) - len(completed)
+        row["seeds"] = " ".join(str(int(s)) for s in sorted(completed["seed"].dropna()))
+        for metric in _SUMMARY_METRICS:
+            values = completed[metric].dropna()
+            row[f"{metric}_mean"] = float(values.mean()) if len(values) else math.nan
+            row[f"{metric}_se"] = standard_error(values)
+            row[f"{metric}_n"] = len(values)
+        row["params"] = _single_value(completed["params"])
+        row["flops_per_example"] = _single_value(completed["flops_per_example"])
+        row["wall_time_s_mean"] = (
+            float(completed["wall_time_s"].mean())
+            if completed["wall_time_s"].notna().any()
+            else math.nan
+        )
+        row["epochs_mean"] = (
+            float(completed["epochs"].mean()) if completed["epochs"].notna().any() else math.nan
+        )
+        warnings_ = []
+        varying = _varying_overrides(completed)
+        if varying:
+            warnings_.append(f"overrides differ inside this group: {varying}")
+        if completed["seed"].duplicated().any():
+            warnings_.append("repeated seeds inside this group")
+        for column, name in (("params", "params"), ("flops_per_example", "FLOPs per example")):
+            if completed[column].dropna().nunique() > 1:
+                warnings_.append(f"runs disagree on {name}")
+        row["warning"] = "; ".join(warnings_)
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+    if summary.empty:  # no run with a valid summary: an empty table with the documented columns
+        metric_columns = [f"{m}_{s}" for m in _SUMMARY_METRICS for s in ("mean", "se", "n")]
+        summary = pd.DataFrame(
+            columns=[
+                *keys,
+                *("group", "n", "n_not_completed", "seeds"),
+                *metric_columns,
+                *("params", "flops_per_example", "wall_time_s_mean", "epochs_mean", "warning"),
+            ]
+        )
+
+    comparison_columns = [
+        "is_baseline",
+        "baseline_group",
+        "metric",
+        "diff",
+        "ci_low",
+        "ci_high",
+        "t",
+        "df",
+        "p_value",
+        "hedges_g",
+        "note",
+    ]
+    for column in comparison_columns:
+        summary[column] = None if column in ("baseline_group", "metric", "note") else math.nan
+    summary["is_baseline"] = False
+    for data, data_summary in summary.groupby("data", dropna=False):
+        completed = completed_all[
+            (completed_all["data"] == data) | (completed_all["data"].isna() & pd.isna(data))
+        ]
+        metric = comparison_metric(completed)
+        summary.loc[data_summary.index, "metric"] = metric
+        wanted = [baseline] if baseline is not None else list(DEFAULT_BASELINES)
+        with_runs = data_summary[data_summary["n"] > 0]
+        chosen = next((m for m in wanted if (with_runs["model"] == m).any()), None)
+        if chosen is None:
+            summary.loc[data_summary.index, "note"] = (
+                f"no baseline ({' or '.join(wanted)}) completed for this data"
+            )
+            continue
+        candidates = with_runs[with_runs["model"] == chosen]
+        summary.loc[candidates.index, "is_baseline"] = True
+        for index, row in data_summary.iterrows():
+            if index in candidates.index:
+                summary.loc[index, "note"] = "baseline"
+                summary.loc[index, "baseline_group"] = row["group"]
+                continue
+            base, problem = _pick_baseline(candidates, row)
+            if base is None:
+                summary.loc[index, "note"] = problem
+                continue
+            summary.loc[index, "baseline_group"] = base["group"]
+            key_mask = np.ones(len(completed), dtype=bool)
+            base_mask = np.ones(len(completed), dtype=bool)
+            for key in keys:
+                key_mask &= _equal_or_both_missing(completed[key], row[key])
+                base_mask &= _equal_or_both_missing(completed[key], base[key])
+            result = welch_test(completed.loc[key_mask, metric], completed.loc[base_mask, metric])
+            for column, value in result.items():
+                summary.loc[index, column] = value
+    summary["is_baseline"] = summary["is_baseline"].astype(bool)
+    return summary.reset_index(drop=True)
+
+
+def _equal_or_both_missing(series: pd.Series, value: Any) -> np.ndarray:
+    if pd.isna(value):
+        return series.isna().to_numpy()
+    return (series == value).fillna(False).to_numpy(dtype=bool)
