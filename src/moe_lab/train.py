@@ -33,7 +33,7 @@ log = logging.getLogger("moe_lab.train")
 
 # conf/hydra/launcher/{basic,joblib,submitit_slurm}.yaml deliberately carry the plugins' names, so
 # Hydra matches them against the plugins' schemas and says so on every run.
-warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema.*")
+warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema")
 
 SUMMARY_FIELDS = (
     "experiment", "model", "data", "n_experts", "top_k", "seed", "params", "flops_per_example",

@@ -1,0 +1,103 @@
+"""End-to-end training runs: every dataset x {cnn, moe}, logging, checkpoints, resume, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import compose_train, run_module
+from moe_lab.train import SUMMARY_FIELDS, train
+
+TINY = [
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=3",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+    "trainer.accelerator=cpu",
+    "logger=none",
+]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("model", ["cnn", "moe"])
+@pytest.mark.parametrize("data", ["mnist1d", "digits", "moving_digits"])
+def test_tiny_run_on_offline_data(tmp_path: Path, data_dir: Path, data: str, model: str) -> None:
+    run_dir = tmp_path / "run"
+    cfg = compose_train([f"data={data}", f"model={model}", *TINY], run_dir, data_dir)
+    summary = train(cfg)
+    assert summary["status"] == "completed", summary
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert set(SUMMARY_FIELDS) <= set(on_disk)
+    assert on_disk["model"] == model and on_disk["data"] == data
+    assert on_disk["n_experts"] == (2 if model == "moe" else None)
+    assert on_disk["epochs"] == 1 and 0.0 <= on_disk["test_acc"] <= 1.0
+    rows = read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == ["0"]
+    assert float(rows[0]["val_acc"]) == pytest.approx(on_disk["val_acc_last"])
+    gate_cols = [c for c in rows[0] if c.startswith("gate/")]
+    if model == "moe":
+        importance = [c for c in gate_cols if "/importance_" in c]
+        assert importance and any(c.endswith("/entropy") for c in gate_cols)
+        # softmax gates: the mean gates of one layer sum to 1
+        layer = importance[0].rsplit("/", 1)[0]
+        total = sum(float(rows[0][c]) for c in importance if c.startswith(layer + "/"))
+        assert total == pytest.approx(1.0, abs=1e-5)
+    else:
+        assert gate_cols == []
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_wandb_offline_run_writes_real_files(tmp_path: Path, data_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = [o for o in TINY if o != "logger=none"] + ["data=digits", "model=moe", "logger=default"]
+    cfg = compose_train(overrides, run_dir, data_dir)
+    assert cfg.logger.wandb.offline is True  # WANDB_MODE is not "online" in tests
+    summary = train(cfg)
+    assert summary["status"] == "completed", summary
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((run_dir / "wandb").iterdir())
+    records = list(runs[0].glob("run-*.wandb"))
+    assert records and records[0].stat().st_size > 0
+    assert summary["wandb_id"] and summary["wandb_id"] in runs[0].name
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 is invalid: expected a positive integer"),
+        ("seed=abc", "seed='abc' is invalid: expected an integer"),
+        ("experts.n_experts=0", "experts.n_experts=0 is invalid"),
+        ("data.val_split=1.5", "data.val_split=1.5 is invalid: expected a fraction"),
+    ],
+)
+def test_bad_values_fail_before_training(tmp_path: Path, data_dir: Path, override: str, message: str) -> None:
+    run_dir = tmp_path / "run"
+    cfg = compose_train(["data=digits", "model=moe", *TINY, override], run_dir, data_dir)
+    summary = train(cfg)
+    assert summary["status"] == "failed"
+    assert summary["error_type"] == "ConfigError"
+    assert message in summary["error_message"]
+    assert summary["epochs"] == 0
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_cli_errors_name_the_key_and_the_choices(tmp_path: Path, data_dir: Path) -> None:
+    common = [f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path / 'out'}"]
+    unknown_option = run_module("moe_lab.train", "model=transformer", *common, cwd=tmp_path)
+    assert unknown_option.returncode != 0
+    assert "model/transformer" in unknown_option.stderr and "cnn_matched" in unknown_option.stderr
+    unknown_key = run_module("moe_lab.train", "trainer.max_epoch=3", *common, cwd=tmp_path)
+    assert unknown_key.returncode != 0 and "max_epoch" in unknown_key.stderr
+    bad_value = run_module("moe_lab.train", "data=digits", "trainer.max_epochs=-1", *common, cwd=tmp_path)
+    assert bad_value.returncode == 1
+    assert "trainer.max_epochs=-1 is invalid" in bad_value.stderr
+    assert "Traceback" not in bad_value.stderr
