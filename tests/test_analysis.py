@@ -394,6 +394,25 @@ def test_accuracy_in_percent_or_unknown_status_is_invalid(tmp_path: Path) -> Non
     assert "status 'crashed'" in runs.loc["1", "detail"]
 
 
+def test_interrupted_run_with_running_summary_is_partial(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    write_run(
+        sweep / "0",
+        model="cnn",
+        data="d",
+        seed=0,
+        n_experts=None,
+        val_accs=[0.4, 0.5],
+        test_acc=None,
+        status="running",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        row = load_runs(sweep).iloc[0]
+    assert row["status"] == "partial" and row["epochs"] == 2
+    assert "status 'running'" in row["detail"]
+
+
 def test_load_runs_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_runs(tmp_path / "nope")

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from moe_lab.analysis import _io, write_report
+from moe_lab.analysis import write_report
 from moe_lab.analysis.callbacks import SweepReportCallback
 from moe_lab.report import main
 from test_analysis import (
@@ -271,20 +271,23 @@ def test_writes_are_atomic_and_rebuild_replaces(sweep: Path) -> None:
     assert before == {name: (sweep / name).read_bytes() for name in before}  # nothing touched
 
 
-def test_atomic_write_failure_keeps_old_file_and_no_temp(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_failed_write_keeps_previous_report_and_leaves_no_temp_file(
+    sweep: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    target = tmp_path / "report.md"
-    target.write_text("old")
+    write_report(sweep)
+    before = {
+        name: (sweep / name).read_bytes() for name in ("summary.csv", "report.md", "curves.png")
+    }
+    (sweep / "0_model=cnn,seed=0" / "summary.json").unlink()  # the next report would differ
 
     def broken_replace(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(_io.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
-        _io.atomic_write_text(target, "new")
-    assert target.read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+        write_report(sweep)
+    assert before == {name: (sweep / name).read_bytes() for name in before}
+    assert not [p.name for p in sweep.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_all_failed_sweep_still_replaces_a_stale_figure(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
-from ._io import atomic_write_bytes
+from moe_lab.utils.io import atomic_write
 
 
 def _new_figure(n_rows: int, n_cols: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
@@ -33,7 +33,7 @@ def save_figure(figure: Figure, path: str | Path, dpi: int = 120) -> Path:
     """Render ``figure`` to PNG and write it to ``path`` atomically."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
 
 
 def _mean_se_by_epoch(values: pd.DataFrame, column: str) -> pd.DataFrame:

@@ -7,7 +7,8 @@ level (``SWEEP/<experiment>/<job>/``). Each job dir follows the run contract in 
 Every job dir found is reported, never silently dropped. The ``status`` column is one of
 
 - ``completed`` / ``failed`` / ``diverged``: as written by the run in ``summary.json``;
-- ``partial``: no ``summary.json`` but ``metrics.csv`` has rows (the job was killed mid-run);
+- ``partial``: the job was killed mid-run: no ``summary.json`` but ``metrics.csv`` has rows, or a
+  ``summary.json`` still saying ``"status": "running"`` (interrupted before recording an outcome);
 - ``missing``: no ``summary.json`` and no epoch in ``metrics.csv``;
 - ``invalid``: ``summary.json`` is unreadable or breaks the contract (missing fields, unknown
   status, an accuracy outside [0, 1]); ``detail`` names the file and the problem.
@@ -278,6 +279,19 @@ def _row_from_summary(summary_path: Path) -> dict[str, Any]:
         problems = [f"summary.json is not valid JSON ({err})"]
         summary = None
     else:
+        if isinstance(summary, dict) and summary.get("status") == "running":
+            # Written by a run that was interrupted (Ctrl-C, a scheduler's SIGTERM) before it
+            # could record an outcome: a partial run, not a broken file.
+            row = {k: v for k, v in summary.items() if k != "status"}
+            row.pop("diverged_at", None)
+            row["status"] = "partial"
+            n_epochs = _count_metric_rows(summary_path.parent)
+            row["epochs"] = n_epochs
+            row["detail"] = (
+                f"summary.json says status 'running' (job interrupted); metrics.csv has "
+                f"{n_epochs} epoch(s)"
+            )
+            return row
         problems = validate_summary(summary)
     if problems:
         detail = f"{summary_path}: " + "; ".join(problems)

@@ -15,7 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from ._io import atomic_write_bytes, atomic_write_text
+from moe_lab.utils.io import atomic_write, atomic_write_text
+
 from .plots import plot_curves
 from .runs import NOT_COMPLETED_STATUSES, load_curves, load_runs
 from .stats import DEFAULT_BASELINES, METRIC_NAMES, summarize
@@ -283,6 +284,6 @@ def write_report(
     markdown = render_report(runs, summary, sweep, baseline)
     paths = {key: sweep / name for key, name in REPORT_FILES.items()}
     atomic_write_text(paths["summary_csv"], runs.to_csv(index=False))
-    atomic_write_bytes(paths["curves_png"], png.getvalue())
+    atomic_write(paths["curves_png"], lambda handle: handle.write(png.getvalue()))
     atomic_write_text(paths["report_md"], markdown)
     return paths
