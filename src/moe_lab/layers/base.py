@@ -14,6 +14,7 @@ from .options import (
     ConstraintSpec,
     InitializerSpec,
     RegularizerSpec,
+    check_constraint_axes,
     resolve_activation,
     resolve_constraint,
     resolve_initializer,
@@ -101,6 +102,7 @@ class MoEBase(nn.Module):
                     expert_bias_regularizer,
                     gating_bias_regularizer,
                 ),
+                strict=True,
             )
         }
         self._constraints = {
@@ -113,6 +115,7 @@ class MoEBase(nn.Module):
                     expert_bias_constraint,
                     gating_bias_constraint,
                 ),
+                strict=True,
             )
         }
         self._activity_regularizer = resolve_regularizer(
@@ -123,9 +126,23 @@ class MoEBase(nn.Module):
 
     # -- parameters ----------------------------------------------------------------------------
 
-    def _make_biases(self, expert_shape: tuple[int, ...], gating_shape: tuple[int, ...]) -> None:
-        self.expert_bias = nn.Parameter(torch.empty(expert_shape)) if self.use_expert_bias else None
-        self.gating_bias = nn.Parameter(torch.empty(gating_shape)) if self.use_gating_bias else None
+    def _finish_init(
+        self, expert_bias_shape: tuple[int, ...], gating_bias_shape: tuple[int, ...]
+    ) -> None:
+        """Create the biases (or register them as None, as nn.Linear does), check explicit
+        constraint axes against the parameter ranks, and draw the initial weights. Subclasses call
+        it once their two kernels exist."""
+        for name, shape, used in (
+            ("expert_bias", expert_bias_shape, self.use_expert_bias),
+            ("gating_bias", gating_bias_shape, self.use_gating_bias),
+        ):
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)) if used else None)
+        for name, param in self.named_moe_parameters():
+            check_constraint_axes(self._constraints[name], param.shape, f"{name}_constraint")
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        raise NotImplementedError
 
     def _reset_biases(self) -> None:
         with torch.no_grad():
@@ -141,7 +158,9 @@ class MoEBase(nn.Module):
                 yield name, param
 
     def _constraint_axes(self, name: str) -> tuple[int, ...]:
-        """The fan-in axes of each parameter, over which norm constraints act by default."""
+        """The axes over which norm constraints act when no ``axis`` is given: each kernel's fan-in
+        axes (the dense kernels' ``in`` axis 0 here; conv layers override), and axis 0 of a bias
+        (Keras' default axis)."""
         return (0,)
 
     # -- gate ----------------------------------------------------------------------------------
@@ -172,7 +191,8 @@ class MoEBase(nn.Module):
 
     def _record_activity(self, output: Tensor) -> None:
         if self._activity_regularizer is not None:
-            self._activity_penalty = self._activity_regularizer(output)
+            penalty = self._activity_regularizer(output)
+            self._activity_penalty = _scalar_penalty(penalty, "activity_regularizer")
 
     # -- penalties, constraints, statistics --------------------------------------------------------
 
@@ -183,7 +203,7 @@ class MoEBase(nn.Module):
         for name, param in self.named_moe_parameters():
             reg = self._regularizers[name]
             if reg is not None:
-                total = total + reg(param)
+                total = total + _scalar_penalty(reg(param), f"{name}_regularizer")
         if self._activity_penalty is not None:
             total = total + self._activity_penalty
         return total
@@ -194,7 +214,14 @@ class MoEBase(nn.Module):
         for name, param in self.named_moe_parameters():
             constraint = self._constraints[name]
             if constraint is not None:
-                param.copy_(constraint(param, self._constraint_axes(name)))
+                projected = constraint(param, self._constraint_axes(name))
+                if not isinstance(projected, Tensor) or projected.shape != param.shape:
+                    got = tuple(projected.shape) if isinstance(projected, Tensor) else projected
+                    raise ValueError(
+                        f"{name}_constraint must return a tensor of the weight's shape "
+                        f"{tuple(param.shape)}, got {got!r}"
+                    )
+                param.copy_(projected)
 
     @torch.no_grad()
     def routing_stats(self) -> dict[str, Tensor]:
@@ -209,12 +236,21 @@ class MoEBase(nn.Module):
         gates = self.last_gates.detach().float().flatten(0, -2)  # (N*G, K)
         importance = gates.mean(0)
         top = gates.argmax(-1)
-        load = torch.zeros_like(importance).index_add_(0, top, torch.ones_like(top, dtype=gates.dtype))
+        ones = torch.ones_like(top, dtype=gates.dtype)
+        load = torch.zeros_like(importance).index_add_(0, top, ones)
         load = load / gates.shape[0]
         p = gates.clamp_min(0)
         p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
         entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
         return {"importance": importance, "load": load, "entropy": entropy}
+
+    def __getstate__(self) -> dict[str, object]:
+        # The tensors of the last forward belong to that forward's autograd graph: pickling or
+        # deep-copying them fails (non-leaf tensors) and would drag the graph along.
+        state = super().__getstate__()
+        state["last_gates"] = None
+        state["_activity_penalty"] = None
+        return state
 
     def _moe_repr(self) -> str:
         parts = [
@@ -233,3 +269,10 @@ class MoEBase(nn.Module):
         if cons:
             parts.append(f"constrained={cons}")
         return ", ".join(parts)
+
+
+def _scalar_penalty(value: object, argname: str) -> Tensor:
+    if not isinstance(value, Tensor) or value.dim() != 0:
+        got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{argname} must return a scalar tensor, got {got}")
+    return value

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -92,18 +92,36 @@ class _ConvNdMoE(MoEBase):
         k, out = self.n_experts, self.out_channels
         self.expert_kernel = nn.Parameter(torch.empty(out * k, in_channels, *self.kernel_size))
         self.gating_kernel = nn.Parameter(torch.empty(in_channels, *self.input_size, out, k))
-        self._make_biases((out, k), (out, k))
-        self.reset_parameters()
+        self._finish_init(expert_bias_shape=(out, k), gating_bias_shape=(out, k))
 
     def reset_parameters(self) -> None:
         """The seed's init: normal kernels, std ``s / sqrt(fan_in)``, with the gate's fan-in the
         whole input volume."""
         fan_expert = self.in_channels * math.prod(self.kernel_size)
         fan_gating = self.in_channels * math.prod(self.input_size)
+        std_expert = self.expert_kernel_initializer_scale / math.sqrt(fan_expert)
+        std_gating = self.gating_kernel_initializer_scale / math.sqrt(fan_gating)
         with torch.no_grad():
-            self.expert_kernel.normal_(0.0, self.expert_kernel_initializer_scale / math.sqrt(fan_expert))
-            self.gating_kernel.normal_(0.0, self.gating_kernel_initializer_scale / math.sqrt(fan_gating))
+            self.expert_kernel.normal_(0.0, std_expert)
+            self.gating_kernel.normal_(0.0, std_gating)
         self._reset_biases()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> _ConvNdMoE:
+        # module.to(memory_format=torch.channels_last) converts every rank-4/5 tensor. The gating
+        # kernel (C, *input_size, out, K) is rank 4 (1D layer) or 5 (2D layer) without being an
+        # image, and converting it either fails (rank 5 + channels_last) or silently makes it
+        # non-contiguous. Hand it to fn as a 2D view, so dtype/device changes still apply but no
+        # memory format does; the expert kernel is converted like nn.Conv's weight.
+        gating_shape = self.gating_kernel.shape
+
+        def keep_gating_layout(t: Tensor) -> Tensor:
+            if t.shape != gating_shape:
+                return fn(t)
+            flat = t.reshape(gating_shape[0], -1)
+            flat_applied = fn(flat)
+            return t if flat_applied is flat else flat_applied.view(gating_shape)
+
+        return super()._apply(keep_gating_layout, recurse)
 
     def _constraint_axes(self, name: str) -> tuple[int, ...]:
         if name == "expert_kernel":
@@ -142,23 +160,32 @@ class _ConvNdMoE(MoEBase):
         return _CONV[self.ndim](x, weight, bias, self.stride, padding, self.dilation)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(B, in_channels, *input_size) -> (B, out_channels, *output_size)``; a channels_last
+        input gives a channels_last output, as nn.Conv does."""
         self._check_input(x)
         batch, k, out = x.shape[0], self.n_experts, self.out_channels
         bias = None if self.expert_bias is None else self.expert_bias.reshape(-1)
         hidden = self._expert_conv(x, self.expert_kernel, bias)  # (B, out*K, *S')
-        hidden = hidden.unflatten(1, (out, k))  # (B, out, K, *S'): filter-major channels
-        hidden = self.expert_activation(hidden, 2)
 
-        flat_kernel = self.gating_kernel.view(-1, out * k)
+        flat_kernel = self.gating_kernel.reshape(-1, out * k)
         flat_x = x.reshape(batch, -1)  # (C, *input_size) order, whatever the memory format
         if self.gating_bias is None:
             logits = flat_x @ flat_kernel
         else:
             logits = torch.addmm(self.gating_bias.reshape(-1), flat_x, flat_kernel)
-        gates = self._gate(logits.view(batch, out, k))  # (B, out, K)
+        gates = self._gate(logits.view(batch, out, k)).to(hidden.dtype)  # (B, out, K)
 
-        gates = gates.to(hidden.dtype).view(batch, out, k, *([1] * self.ndim))
-        y = (hidden * gates).sum(2)
+        # Weighted sum over experts, in the layout the convolution produced, so that no copy is
+        # made and the output keeps the input's memory format. Channel f*K + k is expert k of
+        # filter f (filter-major), so K is the faster-varying half of the channel axis.
+        if _is_channels_last(hidden):
+            hidden = hidden.movedim(1, -1).unflatten(-1, (out, k))  # (B, *S', out, K), a view
+            hidden = self.expert_activation(hidden, -1)
+            y = (hidden * gates.view(batch, *([1] * self.ndim), out, k)).sum(-1).movedim(-1, 1)
+        else:
+            hidden = hidden.unflatten(1, (out, k))  # (B, out, K, *S'), a view
+            hidden = self.expert_activation(hidden, 2)
+            y = (hidden * gates.view(batch, out, k, *([1] * self.ndim))).sum(2)
         self._record_activity(y)
         return y
 
@@ -174,6 +201,14 @@ class _ConvNdMoE(MoEBase):
         if any(d != 1 for d in self.dilation):
             parts.append(f"dilation={self.dilation}")
         return ", ".join(parts) + ", " + self._moe_repr()
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    """True for a 4D/5D tensor laid out channels-last (and not also plain contiguous)."""
+    if t.dim() not in (4, 5) or t.is_contiguous():
+        return False
+    fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+    return t.is_contiguous(memory_format=fmt)
 
 
 class Conv1dMoE(_ConvNdMoE):

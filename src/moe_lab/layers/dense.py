@@ -31,20 +31,19 @@ class DenseMoE(MoEBase):
         ``expert_bias (out, K)`` or None, ``gating_bias (K,)`` or None.
     """
 
-    def __init__(
-        self, in_features: int, out_features: int, n_experts: int, **kwargs: Any
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, n_experts: int, **kwargs: Any) -> None:
         super().__init__(n_experts, **kwargs)
         self.in_features = check_positive_int(in_features, "in_features")
         self.out_features = check_positive_int(out_features, "out_features")
         k = self.n_experts
         self.expert_kernel = nn.Parameter(torch.empty(in_features, out_features, k))
         self.gating_kernel = nn.Parameter(torch.empty(in_features, k))
-        self._make_biases((out_features, k), (k,))
-        self.reset_parameters()
+        self._finish_init(expert_bias_shape=(out_features, k), gating_bias_shape=(k,))
 
     def reset_parameters(self) -> None:
-        """The seed's init: variance scaling with uniform draws, fan = mean(fan_in, fan_out)."""
+        """The seed's init: variance scaling with uniform draws, ``U(-a, a)`` with
+        ``a = sqrt(3 * scale / max(1, fan))``; ``fan = (in + out) / 2`` for the experts and
+        ``(in + 1) / 2`` for the gate. Biases from their initializers."""
         fan_expert = max(1.0, (self.in_features + self.out_features) / 2)
         fan_gating = max(1.0, (self.in_features + 1) / 2)
         a = math.sqrt(3 * self.expert_kernel_initializer_scale / fan_expert)
@@ -55,26 +54,33 @@ class DenseMoE(MoEBase):
         self._reset_biases()
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(*, in_features) -> (*, out_features)``."""
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
-                f"DenseMoE expected input of shape (*, {self.in_features}), got {tuple(x.shape)}"
+                f"DenseMoE expected input of shape (*, {self.in_features}) (last dim = "
+                f"in_features), got shape {tuple(x.shape)}"
             )
         self._check_dtype(x)
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
-        k, out = self.n_experts, self.out_features
+        n, k, out = flat.shape[0], self.n_experts, self.out_features
 
-        hidden = _affine(flat, self.expert_kernel.view(self.in_features, out * k), self.expert_bias)
-        hidden = self.expert_activation(hidden.view(-1, out, k), -1)
+        # All experts as one GEMM: column o*K + k of the (in, out*K) kernel is expert k, unit o.
+        expert_kernel = self.expert_kernel.reshape(self.in_features, out * k)
+        hidden = _affine(flat, expert_kernel, self.expert_bias)
+        hidden = self.expert_activation(hidden.view(n, out, k), -1)  # (N, out, K)
         logits = _affine(flat, self.gating_kernel, self.gating_bias)
-        gates = self._gate(logits.view(-1, 1, k))  # (N, 1, K)
-        # (N, out, K) @ (N, K, 1): the weighted sum over experts as one batched matmul
-        y = torch.bmm(hidden, gates.transpose(1, 2).to(hidden.dtype)).view(*lead, out)
+        gates = self._gate(logits.view(n, 1, k))  # (N, 1, K)
+        # Broadcast multiply + sum over experts: on CPU about 2x faster (forward + backward) than
+        # a bmm over N tiny (out, K) @ (K, 1) products.
+        y = (hidden * gates.to(hidden.dtype)).sum(-1).view(*lead, out)
         self._record_activity(y)
         return y
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self._moe_repr()}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {self._moe_repr()}"
+        )
 
 
 def _affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -10,11 +10,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def _finite_float(value: object, what: str) -> float:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return number
+
 
 # ---------------------------------------------------------------------------------------------
 # Activations
@@ -47,7 +58,7 @@ _ELEMENTWISE: dict[str, Callable[[Tensor], Tensor]] = {
 
 ACTIVATION_NAMES: tuple[str, ...] = ("linear", "softmax", *_ELEMENTWISE)
 
-ActivationSpec = Union[str, Callable[[Tensor], Tensor], None]
+ActivationSpec = str | Callable[[Tensor], Tensor] | None
 
 
 @dataclass(frozen=True)
@@ -72,10 +83,12 @@ class Activation:
 
 def resolve_activation(spec: ActivationSpec, argname: str) -> Activation:
     """Turn ``None``, a name from :data:`ACTIVATION_NAMES` or a callable into an :class:`Activation`."""
-    if spec is None or spec == "linear":
+    if spec is None:
         return Activation("linear", None)
     if isinstance(spec, str):
         key = spec.lower()
+        if key == "linear":
+            return Activation("linear", None)
         if key == "softmax":
             return Activation("softmax", None, is_softmax=True)
         if key in _ELEMENTWISE:
@@ -95,7 +108,7 @@ def resolve_activation(spec: ActivationSpec, argname: str) -> Activation:
 # Regularizers (Keras 2: penalty = l1 * sum|w| + l2 * sum w^2, default factor 0.01)
 # ---------------------------------------------------------------------------------------------
 
-RegularizerSpec = Union[str, Mapping[str, float], Callable[[Tensor], Tensor], None]
+RegularizerSpec = str | Mapping[str, float] | Callable[[Tensor], Tensor] | None
 Regularizer = Callable[[Tensor], Tensor]
 
 _KERAS_DEFAULT_FACTOR = 0.01
@@ -139,9 +152,9 @@ def resolve_regularizer(spec: RegularizerSpec, argname: str) -> Regularizer | No
             raise ValueError(
                 f"{argname}: unknown regularizer keys {sorted(unknown)}; expected only 'l1' and 'l2'"
             )
-        values = {k: float(v) for k, v in spec.items()}
-        if any(v < 0 or not math.isfinite(v) for v in values.values()):
-            raise ValueError(f"{argname}: regularizer factors must be finite and >= 0, got {values}")
+        values = {k: _finite_float(v, f"{argname}: factor {k!r}") for k, v in spec.items()}
+        if any(v < 0 for v in values.values()):
+            raise ValueError(f"{argname}: regularizer factors must be >= 0, got {values}")
         return L1L2(**values)
     if callable(spec):
         return spec
@@ -154,8 +167,8 @@ def resolve_regularizer(spec: RegularizerSpec, argname: str) -> Regularizer | No
 # Constraints (Keras 2 semantics; projections applied in place by apply_constraints())
 # ---------------------------------------------------------------------------------------------
 
-Axis = Union[int, Sequence[int], None]
-ConstraintSpec = Union[str, Mapping[str, Any], Callable[[Tensor], Tensor], None]
+Axis = int | Sequence[int] | None
+ConstraintSpec = str | Mapping[str, Any] | Callable[[Tensor], Tensor] | None
 _EPS = 1e-7  # Keras' K.epsilon()
 
 
@@ -165,50 +178,60 @@ def _norms(w: Tensor, axis: tuple[int, ...]) -> Tensor:
 
 @dataclass(frozen=True)
 class MaxNorm:
+    """Keras ``MaxNorm``: ``w * clip(n, 0, max_value) / (eps + n)``, n the L2 norms over ``axis``."""
+
     max_value: float = 2.0
     axis: Axis = None
 
     def __call__(self, w: Tensor, default_axis: tuple[int, ...]) -> Tensor:
-        norms = _norms(w, _axes(self.axis, default_axis, w))
+        norms = _norms(w, _axes(self.axis, default_axis))
         return w * (norms.clamp(0.0, self.max_value) / (_EPS + norms))
 
 
 @dataclass(frozen=True)
 class NonNeg:
+    """Keras ``NonNeg``: negative entries set to zero."""
+
     def __call__(self, w: Tensor, default_axis: tuple[int, ...]) -> Tensor:
         return w * (w >= 0).to(w.dtype)
 
 
 @dataclass(frozen=True)
 class UnitNorm:
+    """Keras ``UnitNorm``: ``w / (eps + n)``, n the L2 norms over ``axis``."""
+
     axis: Axis = None
 
     def __call__(self, w: Tensor, default_axis: tuple[int, ...]) -> Tensor:
-        return w / (_EPS + _norms(w, _axes(self.axis, default_axis, w)))
+        return w / (_EPS + _norms(w, _axes(self.axis, default_axis)))
 
 
 @dataclass(frozen=True)
 class MinMaxNorm:
+    """Keras ``MinMaxNorm``: ``w * (rate * clip(n, min, max) + (1 - rate) * n) / (eps + n)``."""
+
     min_value: float = 0.0
     max_value: float = 1.0
     rate: float = 1.0
     axis: Axis = None
 
     def __call__(self, w: Tensor, default_axis: tuple[int, ...]) -> Tensor:
-        norms = _norms(w, _axes(self.axis, default_axis, w))
+        norms = _norms(w, _axes(self.axis, default_axis))
         desired = self.rate * norms.clamp(self.min_value, self.max_value) + (1 - self.rate) * norms
         return w * (desired / (_EPS + norms))
 
 
 @dataclass(frozen=True)
 class CallableConstraint:
+    """A user function ``fn(w) -> projected w`` (same shape)."""
+
     fn: Callable[[Tensor], Tensor]
 
     def __call__(self, w: Tensor, default_axis: tuple[int, ...]) -> Tensor:
         return self.fn(w)
 
 
-Constraint = Union[MaxNorm, NonNeg, UnitNorm, MinMaxNorm, CallableConstraint]
+Constraint = MaxNorm | NonNeg | UnitNorm | MinMaxNorm | CallableConstraint
 _CONSTRAINTS: dict[str, type] = {
     "max_norm": MaxNorm,
     "non_neg": NonNeg,
@@ -217,16 +240,42 @@ _CONSTRAINTS: dict[str, type] = {
 }
 
 
-def _axes(axis: Axis, default: tuple[int, ...], w: Tensor) -> tuple[int, ...]:
+def _check_axis(axis: object, what: str) -> int | tuple[int, ...] | None:
+    """None, an int or a non-empty sequence of distinct ints (checked against ranks later)."""
+    if axis is None:
+        return None
+    if isinstance(axis, int) and not isinstance(axis, bool):
+        return axis
+    if isinstance(axis, Sequence) and not isinstance(axis, str):
+        axes = tuple(axis)
+        if (
+            axes
+            and all(isinstance(a, int) and not isinstance(a, bool) for a in axes)
+            and len(set(axes)) == len(axes)
+        ):
+            return axes
+    raise ValueError(f"{what} must be None, an int or a sequence of distinct ints, got {axis!r}")
+
+
+def check_constraint_axes(constraint: object, shape: Sequence[int], what: str) -> None:
+    """Raise if an explicit ``axis`` does not index a weight of ``shape`` (called at construction)."""
+    axis = getattr(constraint, "axis", None)
+    if axis is None:
+        return
+    rank = len(shape)
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    bad = [a for a in axes if not -rank <= a < rank]
+    if bad or len({a % rank for a in axes}) != len(axes):
+        raise ValueError(
+            f"{what}: axis {axis!r} does not fit a weight of shape {tuple(shape)}; expected "
+            f"distinct axes in [{-rank}, {rank - 1}]"
+        )
+
+
+def _axes(axis: Axis, default: tuple[int, ...]) -> tuple[int, ...]:
     if axis is None:
         return default
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    for a in axes:
-        if not -w.dim() <= a < w.dim():
-            raise ValueError(
-                f"constraint axis {a} is out of range for a weight of shape {tuple(w.shape)}"
-            )
-    return axes
+    return (axis,) if isinstance(axis, int) else tuple(axis)
 
 
 def resolve_constraint(spec: ConstraintSpec, argname: str) -> Constraint | None:
@@ -248,13 +297,31 @@ def resolve_constraint(spec: ConstraintSpec, argname: str) -> Constraint | None:
                 f"{', '.join(_CONSTRAINTS)} (as a name or a dict with 'name'), or a callable"
             )
         cls = _CONSTRAINTS[name]
-        try:
-            return cls(**kwargs)
-        except TypeError as err:
-            fields = ", ".join(cls.__dataclass_fields__) or "none"
+        fields = tuple(cls.__dataclass_fields__)
+        unexpected = sorted(set(kwargs) - set(fields))
+        if unexpected:
             raise ValueError(
-                f"{argname}: bad arguments {kwargs} for constraint {name!r}; it takes: {fields}"
-            ) from err
+                f"{argname}: unexpected arguments {unexpected} for constraint {name!r}; it takes: "
+                f"{', '.join(fields) or 'no arguments'}"
+            )
+        for key, value in kwargs.items():
+            if key == "axis":
+                kwargs[key] = _check_axis(value, f"{argname}: axis")
+            else:
+                kwargs[key] = _finite_float(value, f"{argname}: {name} argument {key!r}")
+        constraint = cls(**kwargs)
+        if isinstance(constraint, MinMaxNorm) and not (
+            0 <= constraint.min_value <= constraint.max_value
+        ):
+            raise ValueError(
+                f"{argname}: min_max_norm needs 0 <= min_value <= max_value, got "
+                f"min_value={constraint.min_value}, max_value={constraint.max_value}"
+            )
+        if isinstance(constraint, MaxNorm) and constraint.max_value < 0:
+            raise ValueError(
+                f"{argname}: max_norm needs max_value >= 0, got {constraint.max_value}"
+            )
+        return constraint
     if callable(spec):
         return CallableConstraint(spec)
     raise ValueError(
@@ -266,43 +333,92 @@ def resolve_constraint(spec: ConstraintSpec, argname: str) -> Constraint | None:
 # Bias initializers
 # ---------------------------------------------------------------------------------------------
 
-InitializerSpec = Union[str, Mapping[str, Any], float, Callable[[Tensor], Any]]
-INITIALIZER_NAMES = ("zeros", "ones", "constant", "random_uniform", "random_normal")
+InitializerSpec = str | Mapping[str, Any] | float | Callable[[Tensor], Any]
+Initializer = Callable[[Tensor], Any]
 
 
-def resolve_initializer(spec: InitializerSpec, argname: str) -> Callable[[Tensor], None]:
-    """Return an in-place initializer. Names follow Keras (``random_uniform`` is U(-0.05, 0.05),
-    ``random_normal`` is N(0, 0.05^2)); dicts pass arguments, e.g. ``{"name": "constant", "value": 0.1}``;
-    a number means ``constant``; a callable is called on the tensor under ``torch.no_grad()``."""
+@dataclass(frozen=True)
+class Constant:
+    """Fill with ``value`` (Keras ``zeros``, ``ones``, ``constant``)."""
+
+    value: float = 0.0
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return t.fill_(self.value)
+
+
+@dataclass(frozen=True)
+class RandomUniform:
+    """``U(minval, maxval)``, Keras ``random_uniform`` (defaults -0.05, 0.05)."""
+
+    minval: float = -0.05
+    maxval: float = 0.05
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return t.uniform_(self.minval, self.maxval)
+
+
+@dataclass(frozen=True)
+class RandomNormal:
+    """``N(mean, stddev^2)``, Keras ``random_normal`` (defaults 0, 0.05)."""
+
+    mean: float = 0.0
+    stddev: float = 0.05
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return t.normal_(self.mean, self.stddev)
+
+
+# name -> (class, fixed arguments, arguments the user may pass)
+_INITIALIZERS: dict[str, tuple[type, dict[str, float], tuple[str, ...]]] = {
+    "zeros": (Constant, {"value": 0.0}, ()),
+    "ones": (Constant, {"value": 1.0}, ()),
+    "constant": (Constant, {}, ("value",)),
+    "random_uniform": (RandomUniform, {}, ("minval", "maxval")),
+    "random_normal": (RandomNormal, {}, ("mean", "stddev")),
+}
+INITIALIZER_NAMES = tuple(_INITIALIZERS)
+
+
+def resolve_initializer(spec: InitializerSpec, argname: str) -> Initializer:
+    """Return an in-place initializer (called on the tensor under ``torch.no_grad()``).
+
+    - a number: ``constant`` with that value;
+    - a name from :data:`INITIALIZER_NAMES` (Keras': ``random_uniform`` is U(-0.05, 0.05),
+      ``random_normal`` is N(0, 0.05^2));
+    - a dict with ``name`` and arguments, e.g. ``{"name": "constant", "value": 0.1}``;
+    - a callable ``fn(tensor)`` that fills the tensor in place.
+    """
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        value = float(spec)
-        return lambda t: t.fill_(value)
+        return Constant(_finite_float(spec, argname))
     if isinstance(spec, str):
         spec = {"name": spec}
     if isinstance(spec, Mapping):
         kwargs = dict(spec)
         name = str(kwargs.pop("name", "")).lower()
-        try:
-            if name == "zeros":
-                return lambda t: t.zero_()
-            if name == "ones":
-                return lambda t: t.fill_(1.0)
-            if name == "constant":
-                value = float(kwargs.pop("value", 0.0))
-                return lambda t: t.fill_(value)
-            if name == "random_uniform":
-                lo, hi = float(kwargs.pop("minval", -0.05)), float(kwargs.pop("maxval", 0.05))
-                return lambda t: t.uniform_(lo, hi)
-            if name == "random_normal":
-                mean, std = float(kwargs.pop("mean", 0.0)), float(kwargs.pop("stddev", 0.05))
-                return lambda t: t.normal_(mean, std)
-        finally:
-            if name in INITIALIZER_NAMES and kwargs:
-                raise ValueError(f"{argname}: unexpected arguments {sorted(kwargs)} for {name!r}")
-        raise ValueError(
-            f"{argname}: unknown initializer {name or spec!r}; expected a number, a callable or one "
-            f"of {', '.join(INITIALIZER_NAMES)}"
-        )
+        if name not in _INITIALIZERS:
+            raise ValueError(
+                f"{argname}: unknown initializer {name or dict(spec)!r}; expected a number, a "
+                f"callable, or one of {', '.join(INITIALIZER_NAMES)} (as a name or a dict with 'name')"
+            )
+        cls, fixed, allowed = _INITIALIZERS[name]
+        unexpected = sorted(set(kwargs) - set(allowed))
+        if unexpected:
+            raise ValueError(
+                f"{argname}: unexpected arguments {unexpected} for initializer {name!r}; it takes: "
+                f"{', '.join(allowed) or 'no arguments'}"
+            )
+        values = {
+            k: _finite_float(v, f"{argname}: {name} argument {k!r}") for k, v in kwargs.items()
+        }
+        init = cls(**fixed, **values)
+        if isinstance(init, RandomUniform) and init.minval > init.maxval:
+            raise ValueError(
+                f"{argname}: random_uniform needs minval <= maxval, got {init.minval} > {init.maxval}"
+            )
+        if isinstance(init, RandomNormal) and init.stddev < 0:
+            raise ValueError(f"{argname}: random_normal needs stddev >= 0, got {init.stddev}")
+        return init
     if callable(spec):
         return spec
     raise ValueError(

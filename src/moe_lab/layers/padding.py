@@ -3,30 +3,39 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
-from typing import Union
 
-PaddingSpec = Union[str, int, Sequence[int]]
+PaddingSpec = str | int | Sequence[int]
 PADDING_MODES = ("valid", "same", "causal")
 
 
-def as_tuple(value: int | Sequence[int], ndim: int, argname: str) -> tuple[int, ...]:
-    """Broadcast an int to ``ndim`` ints, or check a sequence has ``ndim`` positive ints."""
+def _ints(value: object, ndim: int, argname: str) -> tuple[int, ...]:
+    """An int broadcast to ``ndim`` ints, or a sequence of exactly ``ndim`` ints (no floats, no
+    bools: ``kernel_size=2.5`` is a mistake, not a 2)."""
+    expected = f"an int or a sequence of {ndim} int{'s' if ndim > 1 else ''}"
     if isinstance(value, bool):
-        raise ValueError(f"{argname} must be an int or a sequence of {ndim} ints, got {value!r}")
+        raise ValueError(f"{argname} must be {expected}, got {value!r}")
     if isinstance(value, int):
-        values: tuple[int, ...] = (value,) * ndim
-    else:
-        try:
-            values = tuple(int(v) for v in value)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{argname} must be an int or a sequence of {ndim} ints, got {value!r}"
-            ) from None
-        if len(values) != ndim:
-            raise ValueError(f"{argname} must have {ndim} entries, got {len(values)}: {value!r}")
+        return (value,) * ndim
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(f"{argname} must be {expected}, got {value!r}")
+    try:
+        if any(isinstance(v, bool) for v in value):
+            raise TypeError
+        values = tuple(operator.index(v) for v in value)
+    except TypeError:
+        raise ValueError(f"{argname} must be {expected}, got {value!r}") from None
+    if len(values) != ndim:
+        raise ValueError(f"{argname} must have {ndim} entries (one per spatial dim), got {value!r}")
+    return values
+
+
+def as_tuple(value: int | Sequence[int], ndim: int, argname: str) -> tuple[int, ...]:
+    """Broadcast an int to ``ndim`` positive ints, or check a sequence has ``ndim`` positive ints."""
+    values = _ints(value, ndim, argname)
     if any(v < 1 for v in values):
-        raise ValueError(f"{argname} entries must be positive, got {value!r}")
+        raise ValueError(f"{argname} entries must be positive integers (>= 1), got {value!r}")
     return values
 
 
@@ -45,15 +54,7 @@ def check_padding(padding: PaddingSpec, ndim: int) -> str | tuple[int, ...]:
                 "use 'valid', 'same' or explicit ints"
             )
         return mode
-    if isinstance(padding, int) and not isinstance(padding, bool):
-        amounts: tuple[int, ...] = (padding,) * ndim
-    else:
-        try:
-            amounts = tuple(int(p) for p in padding)  # type: ignore[union-attr]
-        except (TypeError, ValueError):
-            raise ValueError(f"padding must be a mode name or ints, got {padding!r}") from None
-        if len(amounts) != ndim:
-            raise ValueError(f"padding must have {ndim} entries, got {padding!r}")
+    amounts = _ints(padding, ndim, "padding")
     if any(p < 0 for p in amounts):
         raise ValueError(f"padding amounts must be >= 0, got {padding!r}")
     return amounts
@@ -76,7 +77,7 @@ def pad_amounts(
     if isinstance(padding, tuple):
         return tuple((p, p) for p in padding)
     amounts = []
-    for n, k, s, d in zip(input_size, kernel_size, stride, dilation):
+    for n, k, s, d in zip(input_size, kernel_size, stride, dilation, strict=True):
         span = (k - 1) * d + 1
         if padding == "valid":
             amounts.append((0, 0))
@@ -96,7 +97,10 @@ def output_size(
     stride: Sequence[int],
     dilation: Sequence[int],
 ) -> tuple[int, ...]:
+    """Convolution output length per dim: ``floor((n + before + after - (k-1)d - 1) / s) + 1``."""
     return tuple(
         (n + before + after - (k - 1) * d - 1) // s + 1
-        for n, (before, after), k, s, d in zip(input_size, pads, kernel_size, stride, dilation)
+        for n, (before, after), k, s, d in zip(
+            input_size, pads, kernel_size, stride, dilation, strict=True
+        )
     )
