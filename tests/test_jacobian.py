@@ -213,6 +213,8 @@ def test_bad_config_fails_naming_the_key(tmp_path: Path) -> None:
         ("dtype", "float16"),
         ("seed", -1),
         ("chunk_size", 0),
+        ("num_threads", 0),
+        ("uniform_gate_control", "yes"),
     ],
 )
 def test_settings_reject_bad_values(key: str, value: object) -> None:
@@ -285,6 +287,16 @@ def test_uniform_gate_control_has_constant_gates_and_the_same_experts() -> None:
     result = run_experiment(settings)
     np.testing.assert_allclose(result.singular_values["moe_uniform_K3"], want, atol=1e-12)
     assert set(result.spectra["model"]) == {"dense_relu", "moe", "moe_uniform"}
+
+
+def test_run_restores_torch_threads() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_experiment(n_inputs=2, width=3, n_experts=(2,), num_threads=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_tanh_experts_give_full_rank_even_with_one_expert() -> None:

@@ -33,11 +33,12 @@ ReLU experts with different activity patterns.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -101,6 +102,10 @@ class JacobianSettings:
         dtype: ``"float32"`` (the seed's precision) or ``"float64"``; also sets the ``eps`` of the
             rank tolerance.
         chunk_size: inputs per ``vmap`` chunk (``None``: all at once; lower it to save memory).
+        num_threads: torch intra-op threads while the experiment runs (restored after); None
+            keeps torch's setting. Default 1: the work is hundreds of tiny SVDs and GEMMs that
+            gain little from threads, and on a busy CPU two spinning threads per op made the
+            default run ~7x slower (23 s vs 3 s measured on the 2-core dev machine).
         uniform_gate_control: also run, per K, the same mixture with its gating kernel and bias
             set to zero, so every gate is the constant ``g(0)`` (1/K for softmax; model
             ``moe_uniform``). It separates what the input-dependent gate adds from what summing
@@ -116,6 +121,7 @@ class JacobianSettings:
     seed: int = 0
     dtype: str = "float32"
     chunk_size: int | None = None
+    num_threads: int | None = 1
     uniform_gate_control: bool = False
 
     def __post_init__(self) -> None:
@@ -140,6 +146,8 @@ class JacobianSettings:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.chunk_size is not None:
             _check_int(self.chunk_size, "chunk_size", 1, "or null to compute all inputs at once")
+        if self.num_threads is not None:
+            _check_int(self.num_threads, "num_threads", 1, "or null to keep torch's setting")
         if not isinstance(self.uniform_gate_control, bool):
             raise ValueError(
                 f"uniform_gate_control must be true or false, got {self.uniform_gate_control!r}"
@@ -337,6 +345,25 @@ def run_experiment(settings: JacobianSettings | None = None, **overrides: Any) -
         settings = JacobianSettings(**overrides)
     elif overrides:
         raise ValueError("pass either settings or keyword overrides, not both")
+    with _torch_threads(settings.num_threads):
+        return _run(settings)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, then restore the previous number."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(settings: JacobianSettings) -> JacobianResult:
     x = sample_inputs(settings)
     shape = (settings.width, settings.width)
     spectra: dict[str, np.ndarray] = {}
