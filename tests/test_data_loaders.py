@@ -103,7 +103,7 @@ def draws_torch_path(image: torch.Tensor, n: int, max_shift: tuple[int, int]) ->
     dataset = AugmentedTensorDataset(
         image.expand(n, *image.shape),
         torch.arange(n),
-        scale=1 / 255,
+        pixel_max=255,
         augment=RandomShiftFlip(max_shift),
         seed=0,
     )
@@ -120,7 +120,7 @@ def draws_resident_path(
         500,
         drop_last=False,
         max_shift=max_shift,
-        scale=1 / 255,
+        pixel_max=255,
         seed=0,
         device=device,
     )
@@ -228,7 +228,7 @@ def test_resident_epochs_are_reproducible_from_seed_and_differ():
 
 def test_resident_augmentation_is_reproducible_from_seed():
     image = distinct_image(1, 8, 8)
-    kwargs = {"max_shift": (1, 1), "scale": 1 / 255, "drop_last": False}
+    kwargs = {"max_shift": (1, 1), "pixel_max": 255, "drop_last": False}
     a = ResidentLoader(image.expand(64, 1, 8, 8), torch.arange(64), 16, seed=3, **kwargs)
     b = ResidentLoader(image.expand(64, 1, 8, 8), torch.arange(64), 16, seed=3, **kwargs)
     xa, xb = torch.cat([x for x, _ in a]), torch.cat([x for x, _ in b])

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from ._io import check_path_name
 from .augment import RandomShiftFlip, max_shift_for
-from .loaders import AugmentedTensorDataset, ResidentLoader
+from .loaders import AugmentedTensorDataset, ResidentLoader, epoch_seed
 
 __all__ = ["VAL_SPLIT_SEED", "BaseDataModule", "Split"]
 
@@ -82,8 +82,8 @@ class BaseDataModule(LightningDataModule):
     input_shape: tuple[int, ...]
     num_classes: int
     default_augment: ClassVar[bool] = False
-    #: multiplier from stored values to floats (1/255 for uint8 pixels).
-    pixel_scale: ClassVar[float] = 1.0
+    #: the stored value that means 1.0: floats are ``stored / pixel_max`` (255 for uint8 pixels).
+    pixel_max: ClassVar[float] = 1.0
 
     def __init__(
         self,
@@ -164,7 +164,7 @@ class BaseDataModule(LightningDataModule):
 
     def _load_splits(self) -> tuple[Split, Split]:
         """Return ``((train_x, train_y), (test_x, test_y))``: ``x (N, *input_shape)`` uint8 or
-        float (multiplied by :attr:`pixel_scale` on the way out), ``y (N,)`` int64."""
+        float (divided by :attr:`pixel_max` on the way out), ``y (N,)`` int64."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------- Lightning hooks
@@ -260,18 +260,19 @@ class BaseDataModule(LightningDataModule):
                 shuffle=train,
                 drop_last=train and self.drop_last is not False,
                 max_shift=self.max_shift if augment else None,
-                scale=self.pixel_scale,
+                pixel_max=self.pixel_max,
                 seed=self.seed,
                 rank=rank,
                 world_size=world_size,
                 device=self.device,
             )
+        rank, _ = self._rank_world()
         dataset = AugmentedTensorDataset(
             x,
             y,
-            scale=self.pixel_scale,
+            pixel_max=self.pixel_max,
             augment=RandomShiftFlip(self.max_shift) if augment else None,
-            seed=self.seed,
+            seed=epoch_seed(self.seed, rank),  # ranks draw different augmentations
         )
         return DataLoader(
             dataset,

@@ -28,9 +28,10 @@ def epoch_seed(seed: int, *keys: int) -> int:
     return int(state >> np.uint64(1))
 
 
-def _to_float(x: Tensor, scale: float) -> Tensor:
+def _to_float(x: Tensor, pixel_max: float) -> Tensor:
     x = x.to(torch.float32)
-    return x.mul_(scale) if scale != 1.0 else x
+    # a division, not a multiplication by 1/255: x / 255 is the correctly rounded float
+    return x.div_(pixel_max) if pixel_max != 1.0 else x
 
 
 class AugmentedTensorDataset(Dataset):
@@ -39,8 +40,10 @@ class AugmentedTensorDataset(Dataset):
     Args:
         images: ``(N, C, *spatial)`` stored values (uint8 or float).
         labels: ``(N,)`` int64.
-        scale: multiplier that maps stored values to floats (``1/255`` for uint8 pixels).
-        augment: per-sample transform ``(C, H, W) float, generator -> (C, H, W)`` or None.
+        pixel_max: the stored value that means 1.0; items are ``stored / pixel_max`` (255 for
+            uint8 pixels).
+        augment: per-sample transform of the STORED image, ``(C, H, W), generator -> (C, H, W)``
+            (applied before the cast to float, so uint8 shifts stay exact), or None.
         seed: seeds the augmentation stream in the main process. In a worker process the stream
             is seeded from ``torch.utils.data.get_worker_info().seed``, which the DataLoader
             derives from its own generator, so runs stay reproducible with ``num_workers > 0``.
@@ -53,7 +56,7 @@ class AugmentedTensorDataset(Dataset):
         images: Tensor,
         labels: Tensor,
         *,
-        scale: float = 1.0,
+        pixel_max: float = 1.0,
         augment: RandomShiftFlip | None = None,
         seed: int = 0,
     ) -> None:
@@ -61,7 +64,7 @@ class AugmentedTensorDataset(Dataset):
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
         self.images = images
         self.labels = labels
-        self.scale = float(scale)
+        self.pixel_max = float(pixel_max)
         self.augment = augment
         self.seed = int(seed)
         self._generator: torch.Generator | None = None
@@ -79,10 +82,10 @@ class AugmentedTensorDataset(Dataset):
         return self._generator
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image = _to_float(self.images[index], self.scale)
+        image = self.images[index]
         if self.augment is not None:
             image = self.augment(image, generator=self._get_generator())
-        return image, self.labels[index]
+        return _to_float(image, self.pixel_max), self.labels[index]
 
 
 class ResidentLoader:
@@ -114,7 +117,7 @@ class ResidentLoader:
         drop_last: drop the incomplete last batch (see Sharding).
         max_shift: ``(max_dy, max_dx)`` to augment 2D images (shift + flip), or None.
         flip_prob: probability of a horizontal flip when augmenting.
-        scale: multiplier applied after the cast to float32 (``1/255`` for uint8 pixels).
+        pixel_max: batches are ``stored / pixel_max`` in float32 (255 for uint8 pixels).
         seed: base seed of shuffling and augmentation.
         rank, world_size: this process' place among the data-parallel ranks.
         device: where the data lives and batches are made (default: where ``images`` are).
@@ -133,7 +136,7 @@ class ResidentLoader:
         drop_last: bool = True,
         max_shift: Sequence[int] | None = None,
         flip_prob: float = 0.5,
-        scale: float = 1.0,
+        pixel_max: float = 1.0,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -159,7 +162,7 @@ class ResidentLoader:
         self.drop_last = drop_last
         self.max_shift = None if max_shift is None else tuple(int(m) for m in max_shift)
         self.flip_prob = float(flip_prob)
-        self.scale = float(scale)
+        self.pixel_max = float(pixel_max)
         self.seed = int(seed)
         self.rank = rank
         self.world_size = world_size
@@ -249,4 +252,4 @@ class ResidentLoader:
             x = self.images.index_select(0, index)
             if shifts is not None and flips is not None:
                 x = shift_flip(x, shifts[batch], flips[batch])
-            yield _to_float(x, self.scale), self.labels.index_select(0, index)
+            yield _to_float(x, self.pixel_max), self.labels.index_select(0, index)

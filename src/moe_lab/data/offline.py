@@ -150,7 +150,7 @@ class DigitsDataModule(BaseDataModule):
     name = "digits"
     input_shape = (1, DIGIT_SIZE, DIGIT_SIZE)
     num_classes = 10
-    pixel_scale = 1.0 / 16.0
+    pixel_max = 16.0
 
     def _load_splits(self) -> tuple[Split, Split]:
         arrays = digits_split()
@@ -248,7 +248,7 @@ class MovingDigitsDataModule(BaseDataModule):
     """
 
     name = "moving_digits"
-    pixel_scale = 1.0 / 16.0
+    pixel_max = 16.0
 
     def __init__(
         self,

@@ -60,7 +60,7 @@ class TorchvisionDataModule(BaseDataModule):
     """
 
     torchvision_class: ClassVar[type]
-    pixel_scale = 1.0 / 255.0
+    pixel_max = 255.0
 
     def dataset_folder(self) -> Path:
         """The folder torchvision reads."""
