@@ -413,6 +413,20 @@ def test_interrupted_run_with_running_summary_is_partial(tmp_path: Path) -> None
     assert "status 'running'" in row["detail"]
 
 
+def test_job_dirs_nested_by_overrides_with_slashes_are_found(tmp_path: Path) -> None:
+    # Hydra's override_dirname spells "paths.data_dir=/a/b" as nested dirs
+    sweep = tmp_path / "sweep"
+    deep = sweep / "0_paths.data_dir=" / "work" / "data,seed=0"
+    write_run(deep, model="cnn", data="d", seed=0, n_experts=None, val_accs=[0.5], test_acc=0.5)
+    (deep / "checkpoints").mkdir()
+    (deep / "checkpoints" / ".hydra").mkdir()  # never searched: a job dir's insides are not jobs
+    write_run(
+        sweep / "1", model="cnn", data="d", seed=1, n_experts=None, val_accs=[0.5], test_acc=0.5
+    )
+    runs = load_runs(sweep)
+    assert runs["run_name"].tolist() == ["0_paths.data_dir=/work/data,seed=0", "1"]
+
+
 def test_load_runs_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_runs(tmp_path / "nope")

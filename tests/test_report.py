@@ -305,9 +305,17 @@ def test_all_failed_sweep_still_replaces_a_stale_figure(tmp_path: Path) -> None:
             error_message="bad",
         )
     (sweep / "curves.png").write_bytes(b"stale")
+    (sweep / "0" / "summary.json").write_text(
+        (sweep / "0" / "summary.json")
+        .read_text()
+        .replace('"bad"', '"\\u001b[1mbold\\u001b[0m\\nsecond line"')
+    )
     write_report(sweep)
     png_size(sweep / "curves.png")
-    assert "## Runs not averaged in (2)" in (sweep / "report.md").read_text()
+    report = (sweep / "report.md").read_text()
+    assert "## Runs not averaged in (2)" in report
+    assert "**No run completed**" in report
+    assert "| ValueError: bold second line |" in report  # terminal codes and newlines removed
 
 
 # ----------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def plot_curves(
         curves: long per-epoch frame from :func:`~moe_lab.analysis.runs.load_curves`; only rows
             with ``status == "completed"`` are drawn (failed runs never enter an average).
         path: when given, the PNG is written there atomically.
-        title: figure title; default "Validation accuracy (mean ± SE over seeds)".
+        title: figure title; default "Validation accuracy, mean ± SE over seeds".
         metric: the metrics.csv column to draw (default ``val_acc``).
 
     The x axis shows 1-based epochs (epoch 0 of metrics.csv is drawn at 1, as Keras counts).
@@ -81,8 +81,8 @@ def plot_curves(
     if "status" in curves.columns:
         curves = curves[curves["status"] == "completed"]
     datasets = sorted(curves["data"].dropna().unique()) if len(curves) else []
-    figure, axes = _new_figure(1, max(1, len(datasets)), 6.0, 4.2)
-    figure.suptitle(title or "Validation accuracy (mean ± SE over seeds)")
+    figure, axes = _new_figure(1, max(1, len(datasets)), 6.5, 4.5)
+    figure.suptitle(title or "Validation accuracy, mean ± SE over seeds", fontsize="medium")
     if not datasets:
         axis = axes[0, 0]
         axis.text(

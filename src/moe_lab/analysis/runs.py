@@ -127,33 +127,37 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def _subdirs(path: Path) -> list[Path]:
-    # Hidden dirs (.hydra, .submitit) and wandb/ are bookkeeping, never jobs.
+    # Hidden dirs (.hydra, .submitit), wandb/ and checkpoints/ are bookkeeping, never jobs.
     return sorted(
         (
             p
             for p in path.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and p.name != "wandb"
+            if p.is_dir() and not p.name.startswith(".") and p.name not in ("wandb", "checkpoints")
         ),
         key=lambda p: _natural_key(p.name),
     )
 
 
 def find_run_dirs(sweep_dir: str | Path) -> list[Path]:
-    """Job dirs below ``sweep_dir``: its sub-dirs that look like runs, else their sub-dirs.
+    """Job dirs below ``sweep_dir``, at any depth; a job dir's own sub-dirs are not searched.
 
     A directory is a job dir when it holds ``summary.json``, ``metrics.csv``, ``.hydra/``,
-    ``checkpoints/`` or a ``*.log`` file. Search depth is two levels (``SWEEP/job`` or
-    ``SWEEP/group/job``); a single run dir passed as ``sweep_dir`` is returned as itself.
+    ``checkpoints/`` or a ``*.log`` file. Jobs usually sit one level down (``SWEEP/<job>``), or
+    two (``SWEEP/<group>/<job>``); deeper ones happen when an override value holds a ``/``
+    (Hydra's ``override_dirname`` then spells a path). A single run dir passed as ``sweep_dir``
+    is returned as itself.
     """
     sweep_dir = Path(sweep_dir)
     if (sweep_dir / "summary.json").is_file():
         return [sweep_dir]
     found: list[Path] = []
-    for child in _subdirs(sweep_dir):
+    pending = _subdirs(sweep_dir)
+    while pending:
+        child = pending.pop(0)
         if _is_run_dir(child):
             found.append(child)
         else:
-            found.extend(grandchild for grandchild in _subdirs(child) if _is_run_dir(grandchild))
+            pending[:0] = _subdirs(child)  # depth first, keeps the natural order
     return found
 
 

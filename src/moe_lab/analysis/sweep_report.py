@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,13 @@ def fmt_p(value: Any) -> str:
     return _DASH if _missing(value) else f"{float(value):.3g}"
 
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def _cell(value: Any, limit: int = 300) -> str:
+    """One markdown table cell: one line, no terminal colour codes, ``|`` escaped, capped."""
     text = _DASH if _missing(value) or value == "" else str(value)
-    text = " ".join(text.split()).replace("|", "\\|")
+    text = " ".join(_ANSI_ESCAPE.sub("", text).split()).replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -213,7 +218,12 @@ def render_report(
         f"# Sweep report: {sweep.name}",
         "",
         f"- Sweep dir: `{sweep}`",
-        f"- Runs found: {len(runs)} ({_status_counts(runs)}). Only the {n_completed} completed runs enter means, SEs and tests.",
+        f"- Runs found: {len(runs)} ({_status_counts(runs)}). "
+        + (
+            f"Only the {n_completed} completed runs enter means, SEs and tests."
+            if n_completed
+            else "**No run completed**: there is nothing to average or test."
+        ),
         f"- Baseline: {baseline_text}; groups are compared only within the same data.",
         "",
         "![validation accuracy vs epoch, mean ± SE per group](curves.png)",
@@ -277,7 +287,7 @@ def write_report(
         runs = load_runs(sweep)
     summary = summarize(runs, baseline=baseline)
     curves = load_curves(runs)
-    title = f"Validation accuracy (mean ± SE over seeds): {sweep.name}"
+    title = f"Validation accuracy, mean ± SE over seeds\n{sweep.name}"
     figure = plot_curves(curves, title=title)
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=120)
