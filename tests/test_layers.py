@@ -377,6 +377,14 @@ def test_dense_moe_unbatched_and_empty_inputs() -> None:
     assert layer(torch.randn(0, 7, 4, dtype=torch.float64)).shape == (0, 7, 3)
 
 
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_conv_moe_empty_batch(ndim: int) -> None:
+    cfg = conv_config(ndim, "same_odd_total", 0)
+    layer = build_conv(cfg, expert_activation="relu", gating_activation="softmax")
+    y = layer(torch.randn(0, cfg["in_channels"], *cfg["input_size"]))
+    assert y.shape == (0, cfg["out_channels"], *layer.output_size)
+
+
 def test_expert_softmax_normalises_over_experts() -> None:
     """The agreed reading of the seed (Keras softmax on the last axis, which is the experts axis):
     as an expert activation too, softmax runs over the K experts of each unit/filter."""

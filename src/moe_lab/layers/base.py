@@ -42,11 +42,36 @@ def check_scale(value: object, argname: str) -> float:
 
 class MoEBase(nn.Module):
     """Holds the keywords of the seed's layers (everything after ``n_experts``) and the machinery
-    built on them. Subclasses create the four parameters and implement ``forward``.
+    built on them. Subclasses create the two kernels, call ``_finish_init`` and implement
+    ``forward`` and ``reset_parameters``.
+
+    Args:
+        n_experts: experts K (per output filter for the conv layers); >= 1.
+        expert_activation, gating_activation: ``f`` and ``g``: None / ``"linear"`` (identity), a
+            name from :data:`~moe_lab.layers.ACTIVATION_NAMES` or a callable ``fn(tensor)``.
+            ``"softmax"`` normalises over the experts axis; ``"hard_sigmoid"`` is Keras'
+            ``clip(0.2 x + 0.5, 0, 1)``.
+        use_expert_bias, use_gating_bias: create ``expert_bias`` / ``gating_bias`` (else None).
+        expert_kernel_initializer_scale, gating_kernel_initializer_scale: ``s_e``, ``s_g`` of the
+            seed's kernel init (see the subclasses' ``reset_parameters``); >= 0.
+        expert_bias_initializer, gating_bias_initializer: a number, ``"zeros"``, ``"ones"``,
+            ``"constant"``, ``"random_uniform"``, ``"random_normal"`` (Keras defaults), a dict
+            with ``name`` and arguments, or a callable that fills the tensor in place.
+        *_regularizer: ``"l1"`` / ``"l2"`` / ``"l1_l2"`` (Keras' factor 0.01), a dict
+            ``{"l1": a, "l2": b}``, or a callable ``fn(weight) -> scalar``; read by
+            :meth:`regularization_loss`. ``activity_regularizer`` acts on the layer's output.
+        *_constraint: ``"max_norm"``, ``"non_neg"``, ``"unit_norm"``, ``"min_max_norm"``, a dict
+            with ``name`` and Keras' arguments (``max_value``, ``min_value``, ``rate``, ``axis``),
+            or a callable ``fn(weight) -> weight``; applied by :meth:`apply_constraints`. ``axis``
+            indexes our layout; the default is each kernel's fan-in axes and a bias's axis 0.
+
+    Regularizers and constraints given for a disabled bias are ignored (as in Keras, where the
+    weight does not exist).
 
     After each forward the layer keeps the gates it used (``last_gates``, shape ``(N, G, K)``:
     N samples, G gate groups (1 for the dense layer, ``out_channels`` for conv layers), K experts)
-    so that losses and statistics can be read without a second pass.
+    so that losses and statistics can be read without a second pass. They are dropped when the
+    module is copied or pickled.
     """
 
     expert_kernel: nn.Parameter

@@ -168,7 +168,7 @@ class _ConvNdMoE(MoEBase):
         hidden = self._expert_conv(x, self.expert_kernel, bias)  # (B, out*K, *S')
 
         flat_kernel = self.gating_kernel.reshape(-1, out * k)
-        flat_x = x.reshape(batch, -1)  # (C, *input_size) order, whatever the memory format
+        flat_x = x.reshape(batch, flat_kernel.shape[0])  # (C, *input_size) order, any layout
         if self.gating_bias is None:
             logits = flat_x @ flat_kernel
         else:
