@@ -104,9 +104,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("matmul_precision"):
             torch.set_float32_matmul_precision(cfg.matmul_precision)
 
-        datamodule = instantiate(cfg.data)
+        datamodule = instantiate(
+            cfg.data, _convert_="all"
+        )  # plain containers: checkpoints stay weights_only-loadable
         summary["data"] = datamodule.name
-        net = instantiate(cfg.model)(
+        net = instantiate(cfg.model, _convert_="all")(
             input_shape=datamodule.input_shape, num_classes=datamodule.num_classes
         )
         summary["params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)

@@ -39,6 +39,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("uid", _unique_id, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("wandb_offline", _wandb_offline, replace=True)
     OmegaConf.register_new_resolver("interactive", _interactive, replace=True)
+    OmegaConf.register_new_resolver("cwd", os.getcwd, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("resume_subdir", _resume_subdir, use_cache=True, replace=True)
     OmegaConf.register_new_resolver(
         "if_none", lambda value, default: default if value is None else value, replace=True
