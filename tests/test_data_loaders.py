@@ -303,7 +303,8 @@ def test_resident_loader_under_lightning_gets_set_epoch(monkeypatch):
     original = ResidentLoader.set_epoch
 
     def spy(self, epoch):
-        calls.append(epoch)
+        if self.shuffle:  # the training loader (val/test loaders get the call too)
+            calls.append(epoch)
         original(self, epoch)
 
     monkeypatch.setattr(ResidentLoader, "set_epoch", spy)
@@ -320,6 +321,14 @@ def test_resident_loader_under_lightning_gets_set_epoch(monkeypatch):
             self.seen.setdefault(self.current_epoch, []).extend(y.tolist())
             return torch.nn.functional.cross_entropy(self.layer(x.flatten(1)), y)
 
+        def validation_step(self, batch, batch_idx):
+            x, _ = batch
+            self.val_batches = getattr(self, "val_batches", 0) + 1
+            assert x.shape[1:] == (1, 8, 8)
+
+        def test_step(self, batch, batch_idx):
+            self.test_samples = getattr(self, "test_samples", 0) + len(batch[1])
+
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
@@ -331,7 +340,8 @@ def test_resident_loader_under_lightning_gets_set_epoch(monkeypatch):
         trainer = pl.Trainer(
             max_epochs=2,
             limit_train_batches=4,
-            limit_val_batches=0,
+            limit_val_batches=1,
+            num_sanity_val_steps=0,
             accelerator="cpu",
             devices=1,
             logger=False,
@@ -341,8 +351,11 @@ def test_resident_loader_under_lightning_gets_set_epoch(monkeypatch):
             default_root_dir=tmp,
         )
         trainer.fit(model, datamodule=datamodule)
-    assert calls[:2] == [0, 1]
+        trainer.test(model, datamodule=datamodule, verbose=False)
+    assert calls == [0, 1]
     assert model.seen[0] != model.seen[1]
+    assert model.val_batches == 2  # one per epoch, through Lightning's val loop
+    assert model.test_samples == 360
 
 
 def test_auto_loader_is_torch_on_a_cpu_trainer_and_resident_on_cuda():

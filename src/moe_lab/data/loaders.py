@@ -101,6 +101,8 @@ class ResidentLoader:
     Lightning calls ``loader.sampler.set_epoch(current_epoch)`` before each epoch (its
     ``_set_sampler_epoch`` hook, meant for DistributedSampler); :attr:`sampler` returns this
     loader so that hook reaches us and a resumed run continues the same sequence.
+    :attr:`batch_sampler` is None, so Lightning's DataLoader probes (``_is_dataloader_shuffled``
+    reads ``batch_sampler`` once it sees a ``sampler``) find nothing to re-wrap.
 
     Sharding (DDP): the permutation and augmentation parameters are the same on every rank; rank
     ``r`` takes the ``r``-th contiguous slice of ``samples_per_rank`` positions. With
@@ -185,6 +187,9 @@ class ResidentLoader:
     def num_samples(self) -> int:
         """Samples in the split (all ranks together)."""
         return self.images.shape[0]
+
+    #: no batch sampler: batches come from :meth:`epoch_plan` (read by Lightning's probes).
+    batch_sampler = None
 
     @property
     def sampler(self) -> ResidentLoader:
