@@ -1,11 +1,11 @@
 """Forward + backward time of Conv2dMoE against a plain Conv2d with out_channels * n_experts
-channels (the same convolution FLOPs), and against conv + gate matmul (the MoE's two GEMMs with
-no activation or mixing). CPU by default.
+channels (the same convolution FLOPs), that conv + ReLU, and conv + gate matmul (the MoE's two
+GEMMs with no activation or mixing). CPU.
 
     .venv/bin/python scripts/time_layer.py [--batch 32] [--repeats 20] [--channels-last]
 
-Prints the median time of each (the variants interleaved round by round, so that load from other
-processes hits them alike) and the ratios.
+Prints the median (and min) wall time of each, the variants interleaved round by round so that
+load from other processes hits them alike, and the ratios of the medians.
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ def main() -> None:
     def run_conv() -> None:
         conv(x).backward(grad_conv)
 
+    def run_conv_relu() -> None:
+        torch.relu(conv(x)).backward(grad_conv)
+
     def run_conv_gate() -> None:
         hidden = F.conv2d(x, conv.weight, conv.bias, padding=1)
         logits = x.reshape(args.batch, -1) @ gating
@@ -67,6 +70,7 @@ def main() -> None:
     variants: dict[str, Callable[[], None]] = {
         "Conv2dMoE": run_moe,
         f"nn.Conv2d({in_ch}, {out_ch * k})": run_conv,
+        "nn.Conv2d + ReLU": run_conv_relu,
         "conv + gate matmul": run_conv_gate,
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -80,14 +84,15 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
 
     medians = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    minima = {name: min(ts) * 1e3 for name, ts in times.items()}
     layout = "channels_last" if args.channels_last else "contiguous"
     print(
         f"forward+backward, batch {args.batch}, {layout} input, "
         f"{torch.get_num_threads()} threads, median of {args.repeats}:"
     )
     for name, ms in medians.items():
-        print(f"  {name:<22} {ms:8.2f} ms")
-    moe_ms, conv_ms, gate_ms = medians.values()
+        print(f"  {name:<22} {ms:8.2f} ms   (min {minima[name]:.2f} ms)")
+    moe_ms, conv_ms, _, gate_ms = medians.values()
     print(f"ratio Conv2dMoE / nn.Conv2d: {moe_ms / conv_ms:.2f}")
     print(f"ratio Conv2dMoE / (conv + gate matmul): {moe_ms / gate_ms:.2f}")
 
