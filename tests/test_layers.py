@@ -40,6 +40,13 @@ def _one_thread() -> Iterator[None]:
 
 
 ACTIVATION_PAIRS = [(None, None), ("relu", "softmax")]  # the seed's defaults, and its demos'
+# id -> (use_expert_bias, use_gating_bias)
+BIASES = {
+    "biases": (True, True),
+    "nobias": (False, False),
+    "expertbias": (True, False),
+    "gatingbias": (False, True),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,15 +309,15 @@ def test_padding_cases_cover_odd_and_even_same_totals() -> None:
     assert {("same_strided_dilated", 0), ("same_strided_dilated", 1)} <= parities
 
 
-@pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("biases", list(BIASES))
 @pytest.mark.parametrize("acts", ACTIVATION_PAIRS, ids=["linear-linear", "relu-softmax"])
 @pytest.mark.parametrize(("ndim", "case"), conv_cases())
-def test_conv_moe_matches_reference(ndim: int, case: str, acts: tuple, use_bias: bool) -> None:
+def test_conv_moe_matches_reference(ndim: int, case: str, acts: tuple, biases: str) -> None:
     seed = (
         1000 * ndim
         + 10 * list(CONV_CASES).index(case)
-        + 2 * ACTIVATION_PAIRS.index(acts)
-        + use_bias
+        + 4 * ACTIVATION_PAIRS.index(acts)
+        + list(BIASES).index(biases)
     )
     cfg = conv_config(ndim, case, seed)
     torch.manual_seed(seed)
@@ -318,8 +325,8 @@ def test_conv_moe_matches_reference(ndim: int, case: str, acts: tuple, use_bias:
         cfg,
         expert_activation=acts[0],
         gating_activation=acts[1],
-        use_expert_bias=use_bias,
-        use_gating_bias=use_bias,
+        use_expert_bias=BIASES[biases][0],
+        use_gating_bias=BIASES[biases][1],
     ).double()
     spread_parameters(layer, seed)
     x = torch.randn(cfg["batch"], cfg["in_channels"], *cfg["input_size"], dtype=torch.float64)
@@ -341,11 +348,11 @@ def test_conv_moe_matches_reference(ndim: int, case: str, acts: tuple, use_bias:
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("biases", list(BIASES))
 @pytest.mark.parametrize("acts", ACTIVATION_PAIRS, ids=["linear-linear", "relu-softmax"])
 @pytest.mark.parametrize("lead", [(5,), (2, 3), (2, 1, 3)], ids=["1lead", "2lead", "3lead"])
-def test_dense_moe_matches_reference(lead: tuple[int, ...], acts: tuple, use_bias: bool) -> None:
-    seed = len(lead) * 10 + ACTIVATION_PAIRS.index(acts) * 2 + use_bias
+def test_dense_moe_matches_reference(lead: tuple[int, ...], acts: tuple, biases: str) -> None:
+    seed = len(lead) * 10 + ACTIVATION_PAIRS.index(acts) * 4 + list(BIASES).index(biases)
     rng = random.Random(seed)
     n_in, n_out, k = rng.randint(1, 6), rng.randint(1, 6), rng.randint(1, 4)
     torch.manual_seed(seed)
@@ -355,8 +362,8 @@ def test_dense_moe_matches_reference(lead: tuple[int, ...], acts: tuple, use_bia
         k,
         expert_activation=acts[0],
         gating_activation=acts[1],
-        use_expert_bias=use_bias,
-        use_gating_bias=use_bias,
+        use_expert_bias=BIASES[biases][0],
+        use_gating_bias=BIASES[biases][1],
     ).double()
     spread_parameters(layer, seed)
     x = torch.randn(*lead, n_in, dtype=torch.float64)
