@@ -18,6 +18,7 @@ from torch import Tensor
 
 
 def _finite_float(value: object, what: str) -> float:
+    """``float(value)``, or a ValueError naming ``what`` for bools, non-numbers, NaN and inf."""
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
