@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from ._io import check_path_name
 from .augment import RandomShiftFlip, max_shift_for
-from .loaders import AugmentedTensorDataset, ResidentLoader, epoch_seed
+from .loaders import AugmentedTensorDataset, EpochRandomSampler, ResidentLoader, epoch_seed
 
 __all__ = ["VAL_SPLIT_SEED", "BaseDataModule", "Split"]
 
@@ -277,11 +277,12 @@ class BaseDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            sampler=EpochRandomSampler(len(dataset), self.seed, dataset) if train else None,
             drop_last=train and bool(self.drop_last),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.device.type == "cuda",
+            # seeds the worker processes' augmentation streams
             generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
 

@@ -14,11 +14,11 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from .augment import RandomShiftFlip, sample_shift_flip, shift_flip
 
-__all__ = ["AugmentedTensorDataset", "ResidentLoader", "epoch_seed"]
+__all__ = ["AugmentedTensorDataset", "EpochRandomSampler", "ResidentLoader", "epoch_seed"]
 
 
 def epoch_seed(seed: int, *keys: int) -> int:
@@ -67,15 +67,21 @@ class AugmentedTensorDataset(Dataset):
         self.pixel_max = float(pixel_max)
         self.augment = augment
         self.seed = int(seed)
+        self.epoch = 0
         self._generator: torch.Generator | None = None
         self._generator_seed: int | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def set_epoch(self, epoch: int) -> None:
+        """Augment epoch ``epoch`` with its own stream (``epoch_seed(seed, epoch)``), so that a
+        resumed run draws what the uninterrupted run drew (in the main process)."""
+        self.epoch = int(epoch)
+
     def _get_generator(self) -> torch.Generator:
         info = get_worker_info()
-        wanted = self.seed if info is None else info.seed
+        wanted = epoch_seed(self.seed, self.epoch) if info is None else info.seed
         if self._generator is None or self._generator_seed != wanted:
             self._generator = torch.Generator().manual_seed(wanted)
             self._generator_seed = wanted
@@ -86,6 +92,36 @@ class AugmentedTensorDataset(Dataset):
         if self.augment is not None:
             image = self.augment(image, generator=self._get_generator())
         return _to_float(image, self.pixel_max), self.labels[index]
+
+
+class EpochRandomSampler(Sampler[int]):
+    """A random permutation per epoch that depends only on ``(seed, epoch)``.
+
+    Unlike ``shuffle=True`` with a generator (whose state runs on from epoch to epoch), epoch ``e``
+    is the same permutation whether the run got there directly or was resumed from a checkpoint.
+    Lightning calls :meth:`set_epoch` before every epoch; the epoch is passed on to ``dataset`` (if
+    it has ``set_epoch``) so that per-sample augmentation follows the epoch too. (With
+    ``num_workers > 0`` augmentation is seeded per worker instead: reproducible, but a resumed run
+    augments differently from an uninterrupted one.)
+    """
+
+    def __init__(self, n: int, seed: int, dataset: object | None = None) -> None:
+        self.n, self.seed, self.dataset, self.epoch = int(n), int(seed), dataset, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        # Without set_epoch calls (outside Lightning) each pass moves on to the next epoch.
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        set_dataset_epoch = getattr(self.dataset, "set_epoch", None)
+        if callable(set_dataset_epoch):
+            set_dataset_epoch(epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        yield from torch.randperm(self.n, generator=generator).tolist()
 
 
 class ResidentLoader:

@@ -1,6 +1,6 @@
 """Lightning modules, optimisers and callbacks."""
 
-from .callbacks import AtomicCheckpointIO, DivergedError, DivergenceMonitor
+from .callbacks import AtomicCheckpointIO, DivergedError, DivergenceMonitor, EpochSeeder
 from .classifier import Classifier
 from .optim import InverseTimeDecay, keras_decay
 
@@ -9,6 +9,7 @@ __all__ = [
     "Classifier",
     "DivergedError",
     "DivergenceMonitor",
+    "EpochSeeder",
     "InverseTimeDecay",
     "keras_decay",
 ]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -95,3 +97,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             map_location=map_location or (lambda storage, loc: storage),
             weights_only=weights_only,
         )
+
+
+class EpochSeeder(L.Callback):
+    """Reseeds torch, numpy and random at the start of every training epoch from
+    ``(seed, epoch, rank)``.
+
+    The random stream of an epoch (dropout masks, noisy gates) then depends on where the run is,
+    not on how it got there: a run resumed from a checkpoint draws exactly what the uninterrupted
+    run drew. (The data order has its own per-epoch seed, see the data modules.)
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch_seed = (
+            self.seed * 1_000_003 + trainer.current_epoch * 7_919 + trainer.global_rank
+        ) % 2**32
+        random.seed(epoch_seed)
+        np.random.seed(epoch_seed)
+        torch.manual_seed(epoch_seed)
