@@ -57,7 +57,11 @@ def test_tiny_run_on_offline_data(tmp_path: Path, data_dir: Path, data: str, mod
 
 def test_wandb_offline_run_writes_real_files(tmp_path: Path, data_dir: Path) -> None:
     run_dir = tmp_path / "run"
-    overrides = [o for o in TINY if o != "logger=none"] + ["data=digits", "model=moe", "logger=default"]
+    overrides = [o for o in TINY if o != "logger=none"] + [
+        "data=digits",
+        "model=moe",
+        "logger=default",
+    ]
     cfg = compose_train(overrides, run_dir, data_dir)
     assert cfg.logger.wandb.offline is True  # WANDB_MODE is not "online" in tests
     summary = train(cfg)
@@ -79,7 +83,9 @@ def test_wandb_offline_run_writes_real_files(tmp_path: Path, data_dir: Path) -> 
         ("data.val_split=1.5", "data.val_split=1.5 is invalid: expected a fraction"),
     ],
 )
-def test_bad_values_fail_before_training(tmp_path: Path, data_dir: Path, override: str, message: str) -> None:
+def test_bad_values_fail_before_training(
+    tmp_path: Path, data_dir: Path, override: str, message: str
+) -> None:
     run_dir = tmp_path / "run"
     cfg = compose_train(["data=digits", "model=moe", *TINY, override], run_dir, data_dir)
     summary = train(cfg)
@@ -97,7 +103,52 @@ def test_cli_errors_name_the_key_and_the_choices(tmp_path: Path, data_dir: Path)
     assert "model/transformer" in unknown_option.stderr and "cnn_matched" in unknown_option.stderr
     unknown_key = run_module("moe_lab.train", "trainer.max_epoch=3", *common, cwd=tmp_path)
     assert unknown_key.returncode != 0 and "max_epoch" in unknown_key.stderr
-    bad_value = run_module("moe_lab.train", "data=digits", "trainer.max_epochs=-1", *common, cwd=tmp_path)
+    bad_value = run_module(
+        "moe_lab.train", "data=digits", "trainer.max_epochs=-1", *common, cwd=tmp_path
+    )
     assert bad_value.returncode == 1
     assert "trainer.max_epochs=-1 is invalid" in bad_value.stderr
     assert "Traceback" not in bad_value.stderr
+
+
+@pytest.mark.parametrize("model", ["cnn", "moe"])
+@pytest.mark.parametrize("data", ["cifar10", "cifar100", "mnist", "fashion_mnist"])
+def test_tiny_run_on_fake_torchvision_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: str, model: str
+) -> None:
+    from torchvision import datasets
+
+    from test_data_vision import accept_fake_md5s, fake_cifar, fake_mnist
+
+    data_dir = tmp_path / "data"
+    if data.startswith("cifar"):
+        fake_cifar(data_dir, hundred=data == "cifar100", n_per_file=8, n_test=8)
+        accept_fake_md5s(
+            monkeypatch, datasets.CIFAR100 if data == "cifar100" else datasets.CIFAR10, data_dir
+        )
+    else:
+        fake_mnist(
+            data_dir,
+            {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[data],
+            n_train=24,
+            n_test=8,
+        )
+    run_dir = tmp_path / "run"
+    cfg = compose_train(
+        [f"data={data}", f"model={model}", "data.batch_size=8", *TINY], run_dir, data_dir
+    )
+    summary = train(cfg)
+    assert summary["status"] == "completed", summary
+    assert summary["data"] == data and summary["epochs"] == 1
+    if data == "cifar10":  # the seed's exact parameter counts (SPEC 1.3)
+        assert summary["params"] == {"cnn": 1_250_858, "moe": 7_560_140}[model]
+    assert read_metrics(run_dir)[0]["epoch"] == "0"
+
+
+def test_missing_dataset_fails_with_where_and_how(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = compose_train(["data=cifar10", "model=cnn", *TINY], run_dir, tmp_path / "empty")
+    summary = train(cfg)
+    assert summary["status"] == "failed" and summary["error_type"] == "FileNotFoundError"
+    assert "cifar-10-batches-py" in summary["error_message"]
+    assert "data.download=true" in summary["error_message"]
