@@ -152,3 +152,22 @@ def test_missing_dataset_fails_with_where_and_how(tmp_path: Path) -> None:
     assert summary["status"] == "failed" and summary["error_type"] == "FileNotFoundError"
     assert "cifar-10-batches-py" in summary["error_message"]
     assert "data.download=true" in summary["error_message"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["channels_last=true"],
+        ["trainer.precision=bf16-mixed"],
+        ["matmul_precision=high", "trainer.benchmark=true"],
+        pytest.param(["compile=true"], marks=pytest.mark.slow),
+    ],
+    ids=["channels_last", "bf16", "matmul_precision", "compile"],
+)
+def test_speed_options_train_on_cpu(tmp_path: Path, data_dir: Path, options: list[str]) -> None:
+    run_dir = tmp_path / "run"
+    cfg = compose_train(["data=digits", "model=moe", *TINY, *options], run_dir, data_dir)
+    summary = train(cfg)
+    assert summary["status"] == "completed", summary
+    val_loss = float(read_metrics(run_dir)[0]["val_loss"])
+    assert val_loss == val_loss and val_loss < 10  # finite, sane
