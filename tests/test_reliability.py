@@ -194,3 +194,18 @@ def test_ddp_two_cpu_processes(tmp_path: Path, data_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs"] == 1
     assert len(metrics_rows(run_dir)) == 1
+
+
+def test_wandb_key_never_reaches_the_run_dir(tmp_path: Path, data_dir: Path) -> None:
+    secret = "fake0key0that0must0never0be0written0anywhere0x"  # 40+ chars, like a real key
+    run_dir = tmp_path / "run"
+    proc = run_module(
+        "moe_lab.train", "data=digits", "model=moe", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "trainer.accelerator=cpu", "logger=default",
+        f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", cwd=tmp_path, WANDB_API_KEY=secret,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    leaks = [p for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert leaks == []
+    assert secret not in proc.stdout + proc.stderr
