@@ -14,13 +14,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", MPLBACKEND="Agg", CI="1", PYTHONUNBUFFERED="1")
+    # one thread per process: test jobs run side by side on few cores, and oversubscribed torch
+    # threads are ~100x slower
+    env.update(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        MPLBACKEND="Agg",
+        CI="1",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+    )
     env.pop("WANDB_API_KEY", None)
     env.update(extra)
     return env
 
 
-def run_module(module: str, *args: str, cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+def run_module(
+    module: str, *args: str, cwd: Path, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess[str]:
     """``python -m module args...`` in ``cwd``; returns the finished process (never raises)."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
@@ -52,7 +63,12 @@ def compose_train(overrides: list[str], run_dir: Path, data_dir: Path):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(
             "train",
-            overrides=[f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", f"paths.root_dir={run_dir.parent}", *overrides],
+            overrides=[
+                f"paths.output_dir={run_dir}",
+                f"paths.data_dir={data_dir}",
+                f"paths.root_dir={run_dir.parent}",
+                *overrides,
+            ],
             return_hydra_config=True,
         )
     HydraConfig.instance().set_config(cfg)

@@ -59,6 +59,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     _require(
         cfg, "optimizer.lr", lambda v: isinstance(v, (int, float)) and v > 0, "a positive number"
     )
+    if cfg.get("num_threads") is not None:
+        _require(cfg, "num_threads", lambda v: _is_int(v) and v >= 1, "a positive integer or null")
     weights = cfg.experts.get("aux_loss_weights") or {}
     for name, weight in weights.items():
         if not isinstance(weight, (int, float)) or weight < 0:

@@ -101,6 +101,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         validate_train_config(cfg)
         ckpt_path = check_resume(cfg, run_dir)
         L.seed_everything(cfg.seed, workers=True)
+        if cfg.get("num_threads"):
+            torch.set_num_threads(int(cfg.num_threads))
         if cfg.get("matmul_precision"):
             torch.set_float32_matmul_precision(cfg.matmul_precision)
 
