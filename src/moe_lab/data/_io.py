@@ -9,6 +9,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
+from moe_lab.utils.io import atomic_write
+
 
 def check_path_name(name: str, what: str = "dataset name") -> str:
     """Return ``name`` if it is ONE plain path component, else raise ValueError.
@@ -54,15 +56,7 @@ def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     """Write ``arrays`` to ``path`` (.npz) through a temporary file in the same folder and a rename,
     so a crash or a concurrent writer never leaves half a file behind."""
     ensure_writable_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
 def load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
