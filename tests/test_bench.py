@@ -106,6 +106,7 @@ def test_quick_layers_writes_consistent_json_and_table(
     table = (tmp_path / "b1" / "bench.md").read_text()
     assert sum(line.startswith("| a |") for line in table.splitlines()) == len(rows)
     assert "ratio" in table and "target" in table and env["cpu_model"] in table
+    assert len(env["load_average_start"]) == 3 and len(env["load_average_end"]) == 3
     assert "| a |" in capsys.readouterr().out  # the table is printed too
 
 
@@ -307,7 +308,9 @@ def test_module_entry_point_help() -> None:
 def test_quick_training_sections_on_cpu(tmp_path: Path) -> None:
     """b, c and e in quick mode: throughput rows whose ratios follow from their samples; e says
     that its run time is extrapolated."""
-    report = _run(["--quick", "--only", "b,c,e", "--device", "cpu"], tmp_path / "t")
+    report = _run(
+        ["--quick", "--only", "b,c,e", "--device", "cpu", "--threads", "1"], tmp_path / "t"
+    )
     assert report["errors"] == []
     rows = {r["section"]: r for r in report["rows"]}
     assert sorted(r["section"] for r in report["rows"]) == ["b", "b", "c", "e"]
@@ -320,6 +323,24 @@ def test_quick_training_sections_on_cpu(tmp_path: Path) -> None:
     e = rows["e"]
     assert "extrapolated from" in e["run_estimate"] and "extrapolated from" in e["note"]
     assert e["candidate_run_s"] > 0 and e["pass"] is None  # the 30 s target is for an H100
+
+
+@pytest.mark.slow
+def test_full_seed_run_is_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--full`` runs the protocol (here on a tiny CIFAR-shaped set) and reports measured run
+    times, not extrapolated ones."""
+    import moe_lab.bench.training as training
+
+    monkeypatch.setattr(training, "CIFAR_TRAIN", 64)
+    monkeypatch.setattr(training, "CIFAR_TEST", 32)
+    report = _run(
+        ["--quick", "--only", "e", "--full", "--device", "cpu", "--threads", "1"], tmp_path / "f"
+    )
+    (row,) = report["rows"]
+    _check_row_arithmetic(row)
+    assert row["run_estimate"].startswith("measured")
+    assert "extrapolated" not in row["note"]
+    assert row["candidate_run_s"] > 0 and row["reference_run_s"] > 0
 
 
 @pytest.mark.gpu

@@ -95,7 +95,7 @@ def run_bench(options: BenchOptions) -> tuple[dict[str, Any], Path]:
             "threads": threads,
             "repeats": options.repeats,
         },
-        "environment": environment_info(device),
+        "environment": {**environment_info(device), "load_average_start": _load_average()},
         "rows": [],
         "skipped": [],
         "errors": [],
@@ -130,11 +130,20 @@ def run_bench(options: BenchOptions) -> tuple[dict[str, Any], Path]:
             report["notes"] += result.notes
             print(f"[{section}] done in {time.perf_counter() - section_begin:.1f} s", flush=True)
     report["wall_time_s"] = time.perf_counter() - begin
+    report["environment"]["load_average_end"] = _load_average()
     json_path, md_path = write_outputs(out_dir, report)
     print()
     print(render_markdown(report), end="")
     print(f"\nwrote {json_path} and {md_path}", flush=True)
     return report, out_dir
+
+
+def _load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages: other processes' CPU use makes CPU timings noisy."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _sections(text: str) -> tuple[str, ...]:

@@ -333,15 +333,16 @@ def _case_json(case: LayerCase) -> dict[str, Any]:
 
 def layer_plan(quick: bool) -> list[tuple[LayerCase, Sequence[int]]]:
     """Which layers at which batch sizes: the seed CIFAR network's four convs and its dense at
-    batch 32 and 256; the first two layers of the MNIST-1D (Conv1dMoE) and moving-digits
-    (Conv3dMoE) networks. ``quick``: batch 32 only, first layer only for 1D and 3D."""
+    batch 32 and 256; the first two conv layers of the MNIST-1D (Conv1dMoE) and moving-digits
+    (Conv3dMoE) networks at batch 32. ``quick``: batch 32 only, and only the first 1D and 3D
+    layer."""
     batches: tuple[int, ...] = (32,) if quick else (32, 256)
     plan: list[tuple[LayerCase, Sequence[int]]] = [
         (case, batches) for case in model_layer_cases("cifar10")
     ]
     for dataset in ("mnist1d", "moving_digits"):
         convs = [c for c in model_layer_cases(dataset) if c.ndim > 0]
-        plan += [(case, batches) for case in convs[: 1 if quick else 2]]
+        plan += [(case, (32,)) for case in convs[: 1 if quick else 2]]
     return plan
 
 

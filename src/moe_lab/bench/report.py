@@ -219,6 +219,10 @@ def _result(row: dict[str, Any]) -> str:
     return {True: "pass", False: "**miss**", None: "n/a"}[row["pass"]]
 
 
+def _loads(values: list[float] | None) -> str:
+    return "n/a" if not values else "/".join(f"{v:g}" for v in values)
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -235,6 +239,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{env['cpu_count']} cores){gpu}; torch threads {env['torch_threads']}",
         f"- torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']}), Lightning "
         f"{env['lightning']}, Python {env['python']}, commit {env['git_commit']}",
+        f"- load average (1/5/15 min) at start {_loads(env.get('load_average_start'))}, at end "
+        f"{_loads(env.get('load_average_end'))}: other processes' CPU use makes CPU timings noisy",
         f"- precision {opts['precision']}, channels_last {opts['channels_last']}, compile "
         f"{opts['compile']}, quick {opts['quick']}, full {opts['full']}",
         "- every figure: warm-up, then the median of the repeats, candidate and reference "
