@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -399,6 +400,9 @@ def run_fit(ctx: BenchContext) -> SectionResult:
     for features in (False, True):
 
         def candidate(features: bool = features) -> float:
+            # every fit starts from an empty run dir, as a fresh run would
+            shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+            shutil.rmtree(workdir / "csv", ignore_errors=True)
             timer = FitTimer(ctx.clock, start_batch=skip)
             with _quiet_lightning(silence_output=features):
                 trainer = trainer_for(
