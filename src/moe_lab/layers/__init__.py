@@ -2,12 +2,28 @@
 
 - :class:`DenseMoE`: ``(*, in) -> (*, out)``, K dense experts mixed by a learned gate.
 - :class:`Conv1dMoE`, :class:`Conv2dMoE`, :class:`Conv3dMoE`: each output filter mixes K
-  convolution kernels, gated from the whole input volume.
+  convolution kernels, gated from the whole input volume (or its average-pooled channels).
+
+Every layer is the seed's dense (soft) mixture by default; ``top_k`` routes each sample (and
+filter) to its k best experts and computes only those, ``noisy_gating`` adds Shazeer et al.'s
+learned noise, and ``aux_losses()`` / ``routing_stats()`` read the last forward's routing
+(see :mod:`moe_lab.layers.routing`).
 """
 
 from .base import MoEBase
 from .conv import Conv1dMoE, Conv2dMoE, Conv3dMoE
 from .dense import DenseMoE
 from .options import ACTIVATION_NAMES
+from .routing import AUX_LOSS_NAMES, EXPERT_BACKENDS, GATE_INPUTS
 
-__all__ = ["ACTIVATION_NAMES", "Conv1dMoE", "Conv2dMoE", "Conv3dMoE", "DenseMoE", "MoEBase"]
+__all__ = [
+    "ACTIVATION_NAMES",
+    "AUX_LOSS_NAMES",
+    "EXPERT_BACKENDS",
+    "GATE_INPUTS",
+    "Conv1dMoE",
+    "Conv2dMoE",
+    "Conv3dMoE",
+    "DenseMoE",
+    "MoEBase",
+]

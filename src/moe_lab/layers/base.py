@@ -7,8 +7,10 @@ import math
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import routing
 from .options import (
     ActivationSpec,
     ConstraintSpec,
@@ -20,6 +22,7 @@ from .options import (
     resolve_initializer,
     resolve_regularizer,
 )
+from .routing import EXPERT_BACKENDS, GATE_INPUTS, RoutingRecord
 
 PARAM_NAMES = ("expert_kernel", "gating_kernel", "expert_bias", "gating_bias")
 
@@ -65,13 +68,40 @@ class MoEBase(nn.Module):
             or a callable ``fn(weight) -> weight``; applied by :meth:`apply_constraints`. ``axis``
             indexes our layout; the default is each kernel's fan-in axes and a bias's axis 0.
 
+        top_k: None (default) for the seed's dense mixture, where every expert is computed and
+            mixed. An int ``1 <= k <= n_experts`` keeps, per sample (and per filter for the conv
+            layers), the k experts with the largest gate logits; only those are computed (for
+            ``k < n_experts``: the experts' work grows with k, not K). The kept gates are the
+            softmax over the kept logits; for ``k == 1``, where that softmax is the constant 1
+            and would give the router no gradient, the gate is the chosen expert's probability
+            under the softmax over all K logits (Switch Transformer). ``top_k`` needs softmax
+            gates: ``gating_activation`` must be ``"softmax"`` or None (which then means softmax).
+            ``top_k == n_experts`` is the dense softmax mixture. ``expert_activation="softmax"``
+            (a normalisation across all experts) needs ``top_k`` None or ``n_experts``.
+        noisy_gating: add learned Gaussian noise to the gate logits in training (Shazeer et al.
+            2017): ``std = softplus(x @ noise_kernel) + 0.01``, drawn anew each forward. Eval mode
+            adds none (deterministic). Creates ``noise_kernel`` (the gating kernel's layout),
+            initialised to zero: every logit starts with noise std ``softplus(0) + 0.01 = 0.70``,
+            and the layer learns where to raise or lower it (the load loss rewards noise that
+            balances the experts).
+        gate_input: ``"full"`` (default; the seed's gate, a dense map from the whole input) or
+            ``"pooled"`` (conv layers: from the globally average-pooled channels, independent of
+            the input's resolution). The dense layer has no spatial axes: both mean its input.
+        expert_backend: ``"auto"`` (default), ``"channels"`` or ``"kernel_mix"``; how the conv
+            layers compute their experts (see :class:`~moe_lab.layers.conv.Conv2dMoE`).
+            ``"kernel_mix"`` is exact only for linear experts and needs ``expert_activation``
+            None/``"linear"``. The dense layer accepts (and validates) it so that one set of
+            keywords configures a whole network, and always computes its experts as matmuls.
+
     Regularizers and constraints given for a disabled bias are ignored (as in Keras, where the
     weight does not exist).
 
-    After each forward the layer keeps the gates it used (``last_gates``, shape ``(N, G, K)``:
-    N samples, G gate groups (1 for the dense layer, ``out_channels`` for conv layers), K experts)
-    so that losses and statistics can be read without a second pass. They are dropped when the
-    module is copied or pickled.
+    After each forward the layer keeps a record of its routing (references to the gate logits and
+    gates, no extra work), read by :attr:`last_gates`, :meth:`aux_losses` and
+    :meth:`routing_stats` without a second pass. It is dropped when the module is copied or
+    pickled, and not kept by a forward inside a ``torch.func`` transform (vmap, grad, jacrev),
+    whose tensors cannot outlive the transform. Gate logits and softmax run in float32 (float64
+    for float64 layers), also under autocast.
     """
 
     expert_kernel: nn.Parameter
@@ -100,11 +130,45 @@ class MoEBase(nn.Module):
         expert_bias_constraint: ConstraintSpec = None,
         gating_bias_constraint: ConstraintSpec = None,
         activity_regularizer: RegularizerSpec = None,
+        top_k: int | None = None,
+        noisy_gating: bool = False,
+        gate_input: str = "full",
+        expert_backend: str = "auto",
     ) -> None:
         super().__init__()
         self.n_experts = check_positive_int(n_experts, "n_experts")
+        self.top_k = _check_top_k(top_k, self.n_experts)
+        if self.top_k is not None and gating_activation is None:
+            gating_activation = "softmax"  # top-k gates are a softmax over the kept logits
         self.expert_activation = resolve_activation(expert_activation, "expert_activation")
         self.gating_activation = resolve_activation(gating_activation, "gating_activation")
+        if self.top_k is not None and not self.gating_activation.is_softmax:
+            raise ValueError(
+                f"top_k={self.top_k} needs softmax gates (the kept logits are normalised by a "
+                f"softmax), got gating_activation={self.gating_activation.name!r}; use "
+                "gating_activation='softmax' or None, or top_k=None for the seed's dense mixture"
+            )
+        if self.is_sparse and self.expert_activation.is_softmax:
+            raise ValueError(
+                f"expert_activation='softmax' normalises across all {self.n_experts} experts, but "
+                f"top_k={self.top_k} computes only {self.top_k} of them; use an elementwise expert "
+                "activation, or top_k=None / top_k=n_experts"
+            )
+        if isinstance(noisy_gating, bool):
+            self.noisy_gating = noisy_gating
+        else:
+            raise ValueError(f"noisy_gating must be True or False, got {noisy_gating!r}")
+        self.gate_input = _check_choice(gate_input, GATE_INPUTS, "gate_input", _GATE_INPUT_HELP)
+        self.expert_backend = _check_choice(
+            expert_backend, EXPERT_BACKENDS, "expert_backend", _BACKEND_HELP
+        )
+        if self.expert_backend == "kernel_mix" and not self.expert_activation.is_identity:
+            raise ValueError(
+                "expert_backend='kernel_mix' mixes the experts' kernels before one convolution, "
+                "which equals mixing their outputs only for linear experts; got "
+                f"expert_activation={self.expert_activation.name!r}. Use expert_activation=None "
+                "(or 'linear'), or expert_backend='channels' / 'auto'"
+            )
         self.use_expert_bias = bool(use_expert_bias)
         self.use_gating_bias = bool(use_gating_bias)
         self.expert_kernel_initializer_scale = check_scale(
@@ -146,8 +210,20 @@ class MoEBase(nn.Module):
         self._activity_regularizer = resolve_regularizer(
             activity_regularizer, "activity_regularizer"
         )
-        self.last_gates: Tensor | None = None
+        self._routing: RoutingRecord | None = None
         self._activity_penalty: Tensor | None = None
+
+    @property
+    def is_sparse(self) -> bool:
+        """True when only ``top_k < n_experts`` experts are computed per sample (and filter)."""
+        return self.top_k is not None and self.top_k < self.n_experts
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when :meth:`regularization_loss` can be nonzero (a regularizer is set)."""
+        return self._activity_regularizer is not None or any(
+            reg is not None for reg in self._regularizers.values()
+        )
 
     # -- parameters ----------------------------------------------------------------------------
 
@@ -162,6 +238,8 @@ class MoEBase(nn.Module):
             ("gating_bias", gating_bias_shape, self.use_gating_bias),
         ):
             self.register_parameter(name, nn.Parameter(torch.empty(shape)) if used else None)
+        noise = nn.Parameter(torch.empty_like(self.gating_kernel)) if self.noisy_gating else None
+        self.register_parameter("noise_kernel", noise)
         for name, param in self.named_moe_parameters():
             check_constraint_axes(self._constraints[name], param.shape, f"{name}_constraint")
         self.reset_parameters()
@@ -170,11 +248,14 @@ class MoEBase(nn.Module):
         raise NotImplementedError
 
     def _reset_biases(self) -> None:
+        """Biases from their initializers; the noise kernel (if any) to zero."""
         with torch.no_grad():
             for name, init in self._bias_initializers.items():
                 param = getattr(self, name)
                 if param is not None:
                     init(param)
+            if self.noise_kernel is not None:
+                self.noise_kernel.zero_()
 
     def named_moe_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name in PARAM_NAMES:
@@ -190,17 +271,70 @@ class MoEBase(nn.Module):
 
     # -- gate ----------------------------------------------------------------------------------
 
-    def _gate(self, logits: Tensor) -> Tensor:
-        """Gate logits ``(N, G, K)`` -> gates ``(N, G, K)``; softmax runs over the experts axis.
+    def _gate_dtype(self, x: Tensor) -> torch.dtype:
+        """float32, or float64 when the input or the gating kernel is float64."""
+        if torch.float64 in (x.dtype, self.gating_kernel.dtype):
+            return torch.float64
+        return torch.float32
 
-        Computed in float32 under autocast, so low-precision training keeps an accurate gate.
+    def _mix_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the experts compute (and their outputs are mixed) in: the autocast dtype
+        under autocast (for non-float64 weights, as autocast does), else the weights' dtype."""
+        device = x.device.type
+        dtype = self.expert_kernel.dtype
+        if routing.autocast_enabled(device) and dtype != torch.float64:
+            return torch.get_autocast_dtype(device)
+        return dtype
+
+    def _route(self, features: Tensor, mix_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """Gate features ``(N, F)`` -> gates ``(N, G, k)`` and the kept experts ``(N, G, k)``
+        (None when every expert is kept, in order: a dense mixture or ``top_k == n_experts``).
+
+        ``F`` is the gating kernel's leading size (``in_features``; ``C * prod(input_size)`` for
+        full conv gates; ``C`` for pooled ones) and ``G * K`` its trailing one. Logits, noise and
+        softmax run in float32 (float64 for float64 layers) with autocast off; the gates come
+        back in that dtype. Records the routing (see the class docstring).
         """
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            gates = self.gating_activation(logits.float(), -1).to(logits.dtype)
+        dtype = self._gate_dtype(features)
+        n, k = features.shape[0], self.n_experts
+        with routing.autocast_off(features.device.type):
+            features = features.to(dtype)
+            kernel = self.gating_kernel.reshape(features.shape[1], -1).to(dtype)
+            bias = None if self.gating_bias is None else self.gating_bias.reshape(-1).to(dtype)
+            logits = _affine(features, kernel, bias).view(n, kernel.shape[1] // k, k)
+            noise_std = None
+            routed = logits
+            if self.noisy_gating and self.training:
+                noise_kernel = self.noise_kernel.reshape(kernel.shape).to(dtype)
+                noise_std = F.softplus(features @ noise_kernel).view_as(logits)
+                noise_std = noise_std + routing.NOISE_EPSILON
+                routed = logits + torch.randn_like(logits) * noise_std
+            index = None
+            if self.top_k is None:
+                gates = self.gating_activation(routed, -1)
+            elif self.top_k == k:
+                gates = torch.softmax(routed, dim=-1)
+            else:
+                gates, index = routing.select_top_k(routed, self.top_k)
+        if routing.in_functorch_transform(logits):
+            self._routing = None
         else:
-            gates = self.gating_activation(logits, -1)
-        self.last_gates = gates
-        return gates
+            self._routing = RoutingRecord(
+                logits, routed, noise_std, gates, index, self.top_k, mix_dtype
+            )
+        return gates, index
+
+    @property
+    def last_gates(self) -> Tensor | None:
+        """The gates of the last forward, ``(N, G, K)`` (N samples, G gate groups: 1 for the
+        dense layer, ``out_channels`` for the conv layers), 0 for experts not kept, in the dtype
+        the experts were mixed in; None before the first forward (or after one inside a
+        ``torch.func`` transform)."""
+        record = self._routing
+        if record is None:
+            return None
+        gates = routing.dense_gates(record.gates, record.index, self.n_experts)
+        return gates.to(record.gates_dtype)
 
     def _check_dtype(self, x: Tensor) -> None:
         if not x.is_floating_point():
@@ -208,7 +342,7 @@ class MoEBase(nn.Module):
                 f"{type(self).__name__} expected a floating-point input, got dtype {x.dtype}"
             )
         dtype = self.expert_kernel.dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != dtype and not routing.autocast_enabled(x.device.type):
             raise ValueError(
                 f"{type(self).__name__} has {dtype} weights but got a {x.dtype} input; convert one "
                 f"of them (layer.to({dtype}) or x.to({dtype})) or run under torch.autocast"
@@ -216,6 +350,9 @@ class MoEBase(nn.Module):
 
     def _record_activity(self, output: Tensor) -> None:
         if self._activity_regularizer is not None:
+            if routing.in_functorch_transform(output):
+                self._activity_penalty = None  # it could not outlive the transform
+                return
             penalty = self._activity_regularizer(output)
             self._activity_penalty = _scalar_penalty(penalty, "activity_regularizer")
 
@@ -248,32 +385,53 @@ class MoEBase(nn.Module):
                     )
                 param.copy_(projected)
 
-    @torch.no_grad()
+    def _last_record(self, caller: str) -> RoutingRecord:
+        if self._routing is None:
+            raise RuntimeError(
+                f"{caller} reads the routing of the last forward, and there is none: run a "
+                "forward pass first (a forward inside a torch.func transform such as vmap, grad "
+                "or jacrev keeps no record, since its tensors cannot outlive the transform)"
+            )
+        return self._routing
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        """The routing's auxiliary losses from the last forward, by name (:data:`AUX_LOSS_NAMES`),
+        as differentiable scalar tensors. Per gate group (each filter of a conv layer routes on
+        its own) over the N samples of the batch, then averaged over groups:
+
+        - ``importance``: ``cv^2`` of the experts' summed gates (Shazeer et al. 2017);
+          ``cv^2 = var / mean^2`` over experts (population variance); 0 when balanced.
+        - ``load``: ``cv^2`` of the experts' load. With noise applied (``noisy_gating`` in
+          training) and ``k < K``, the smooth estimator of Shazeer et al.: the summed
+          probability that an expert stays kept when its noise is redrawn (differentiable).
+          Otherwise the count of assignments routed to each expert (no gradient). The counted
+          assignments: the kept experts for ``top_k``, the largest gate for a dense mixture (k=1),
+          every expert for ``top_k == n_experts``.
+        - ``switch``: ``K * sum_k f_k P_k`` (Switch Transformer), ``f_k`` the fraction of the
+          assignments routed to expert k (they sum to 1), ``P_k`` the mean over samples of the
+          softmax over all K (routed) logits; 1 for balanced routing, K when everything goes to
+          one expert. Its gradient flows through ``P``.
+        - ``z_loss``: mean over (sample, group) of ``logsumexp(logits)^2`` on the clean logits
+          (ST-MoE), which keeps the router's logits small.
+        """
+        return routing.aux_losses(self._last_record("aux_losses()"), self.n_experts)
+
     def routing_stats(self) -> dict[str, Tensor]:
         """Expert usage in the last forward, per expert, as device tensors (no host sync):
 
-        - ``importance`` ``(K,)``: mean gate of each expert;
-        - ``load`` ``(K,)``: fraction of (sample, gate group) pairs whose largest gate is expert k;
+        - ``importance`` ``(K,)``: mean gate of each expert (0 where not kept);
+        - ``load`` ``(K,)``: fraction of (sample, gate group) pairs routed to expert k: whose
+          kept top-k contains k (they sum to k; all 1 for ``top_k == n_experts``), or whose largest
+          gate is k for a dense mixture;
         - ``entropy`` ``()``: mean entropy (nats) of the gate distribution, gates normalised to sum 1.
         """
-        if self.last_gates is None:
-            raise RuntimeError("routing_stats() needs a forward pass first")
-        gates = self.last_gates.detach().float().flatten(0, -2)  # (N*G, K)
-        importance = gates.mean(0)
-        top = gates.argmax(-1)
-        ones = torch.ones_like(top, dtype=gates.dtype)
-        load = torch.zeros_like(importance).index_add_(0, top, ones)
-        load = load / gates.shape[0]
-        p = gates.clamp_min(0)
-        p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
-        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
-        return {"importance": importance, "load": load, "entropy": entropy}
+        return routing.routing_stats(self._last_record("routing_stats()"), self.n_experts)
 
     def __getstate__(self) -> dict[str, object]:
         # The tensors of the last forward belong to that forward's autograd graph: pickling or
         # deep-copying them fails (non-leaf tensors) and would drag the graph along.
         state = super().__getstate__()
-        state["last_gates"] = None
+        state["_routing"] = None
         state["_activity_penalty"] = None
         return state
 
@@ -287,6 +445,10 @@ class MoEBase(nn.Module):
             parts.append("use_expert_bias=False")
         if not self.use_gating_bias:
             parts.append("use_gating_bias=False")
+        if self.top_k is not None:
+            parts.append(f"top_k={self.top_k}")
+        if self.noisy_gating:
+            parts.append("noisy_gating=True")
         regs = [n for n, r in self._regularizers.items() if r is not None]
         if regs:
             parts.append(f"regularized={regs}")
@@ -301,3 +463,38 @@ def _scalar_penalty(value: object, argname: str) -> Tensor:
         got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
         raise ValueError(f"{argname} must return a scalar tensor, got {got}")
     return value
+
+
+_GATE_INPUT_HELP = (
+    "'full' (the seed's gate, from the whole input volume) or 'pooled' (from the globally "
+    "average-pooled channels)"
+)
+_BACKEND_HELP = (
+    "'auto' (pick the faster exact one), 'channels' (the seed's: every kept expert's output, "
+    "then mix) or 'kernel_mix' (mix the kernels, then one convolution; linear experts only)"
+)
+
+
+def _check_top_k(top_k: object, n_experts: int) -> int | None:
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
+        raise ValueError(
+            f"top_k must be None (the dense mixture) or an integer in [1, n_experts={n_experts}], "
+            f"got {top_k!r}"
+        )
+    return top_k
+
+
+def _check_choice(value: object, choices: tuple[str, ...], argname: str, help_text: str) -> str:
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise ValueError(f"{argname} must be {help_text}, got {value!r}")
+    return value.lower()
+
+
+def _affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight + bias`` as one fused GEMM; ``weight`` is ``(in, out)``, ``bias`` any shape
+    with ``out`` elements."""
+    if bias is None:
+        return x @ weight
+    return torch.addmm(bias.reshape(-1), x, weight)

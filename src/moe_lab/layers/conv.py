@@ -10,10 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import routing
 from .base import MoEBase, check_positive_int
 from .padding import PaddingSpec, as_tuple, check_padding, output_size, pad_amounts
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+#: ``expert_backend="auto"`` picks ``kernel_mix`` (when exact) only if the cost model predicts at
+#: least this factor fewer multiply-adds than ``channels``: the grouped convolution that
+#: kernel_mix runs (one group per sample) is slower per multiply-add on CPU than a batched one.
+KERNEL_MIX_MIN_SAVING = 2.0
 
 
 class _ConvNdMoE(MoEBase):
@@ -23,12 +30,30 @@ class _ConvNdMoE(MoEBase):
         y[b, f, p] = \sum_k g(z)[b, f, k]\, f_{act}(\mathrm{conv}_{f,k}(x)[b, p] + c[f, k]),\quad
         z[b, f, k] = \sum_{c, s} x[b, c, s] V[c, s, f, k] + d[f, k]
 
-    The gate of a filter is one number per sample and expert, computed by a dense map from the
-    whole input volume; it is shared by every output position. That ties the layer to one
-    ``input_size``.
+    The gate of a filter is one number per sample and expert, shared by every output position.
+    With ``gate_input="full"`` (the seed's) it is a dense map from the whole input volume, which
+    ties the layer to one ``input_size``; with ``gate_input="pooled"`` it reads the globally
+    average-pooled channels (``z[b, f, k] = sum_c mean_s(x[b, c, s]) V[c, f, k] + d[f, k]``),
+    which works at any resolution, so ``input_size`` may be None.
 
-    The experts are ONE convolution with ``out_channels * n_experts`` output channels (channel
-    ``f * K + k`` is expert k of filter f); the gate is ONE matmul.
+    With ``top_k=k < n_experts`` each filter of each sample keeps its k largest gate logits and
+    only those kernels are run (see :class:`~moe_lab.layers.base.MoEBase` for the gates).
+
+    How the experts are computed (``expert_backend``):
+
+    - ``"channels"``: the seed's. Dense gates: ONE convolution with ``out_channels * n_experts``
+      output channels (channel ``f * K + k`` is expert k of filter f), activation, mix. Top-k:
+      each sample's kept kernels are gathered and run as ONE grouped convolution (the batch
+      folded into channels, ``groups=B``, ``B * out * k`` output channels), then activation, mix.
+    - ``"kernel_mix"`` (CondConv): mix each sample's (kept) kernels and biases with its gates,
+      then ONE grouped convolution with ``B * out`` output channels. Equal to mixing the outputs
+      only for linear experts, so it needs ``expert_activation`` None / ``"linear"``.
+    - ``"auto"``: ``kernel_mix`` when it is exact and the cost model predicts it does at least
+      :data:`KERNEL_MIX_MIN_SAVING` times fewer multiply-adds, else ``channels``. Per sample and
+      filter, with ``k`` the experts computed (K for dense gates), ``P`` output positions and
+      ``W = C * prod(kernel_size)``: channels ``k * (W * P + P)`` (convolutions + mix), kernel_mix
+      ``k * W + W * P`` (kernel mixing + one convolution). For dense gates that is about a
+      k-fold saving whenever ``P`` is large; for top-1 there is nothing to save.
 
     Args:
         in_channels: input channels C.
@@ -36,17 +61,22 @@ class _ConvNdMoE(MoEBase):
         n_experts: experts per filter K (the seed's ``n_experts_per_filter``).
         kernel_size, stride, dilation: int or one int per spatial dim.
         input_size: the spatial size of the input (no channels), one int per spatial dim.
+            Required with ``gate_input="full"``; optional with ``"pooled"`` (then padding and
+            output size are worked out per forward from the input's shape, and a given
+            ``input_size`` only fixes ``output_size``: other sizes are accepted).
         padding: ``"valid"``, ``"same"``, ``"causal"`` (1D only) with Keras' output lengths, or
             ints (symmetric zero padding, as ``nn.Conv``).
-        **kwargs: the seed's keywords (see :class:`~moe_lab.layers.base.MoEBase`).
+        **kwargs: the seed's keywords and the routing ones (``top_k``, ``noisy_gating``,
+            ``gate_input``, ``expert_backend``; see :class:`~moe_lab.layers.base.MoEBase`).
 
     Shape:
         input ``(B, C, *input_size)`` (channels first; channels_last memory format works) ->
         output ``(B, out_channels, *output_size)``.
 
     Parameters:
-        ``expert_kernel (out*K, C, *kernel_size)``, ``gating_kernel (C, *input_size, out, K)``,
-        ``expert_bias (out, K)`` or None, ``gating_bias (out, K)`` or None.
+        ``expert_kernel (out*K, C, *kernel_size)``, ``gating_kernel (C, *input_size, out, K)``
+        (``(C, out, K)`` when pooled), ``expert_bias (out, K)`` or None, ``gating_bias (out, K)``
+        or None; with ``noisy_gating`` also ``noise_kernel`` (the gating kernel's shape).
     """
 
     ndim: int
@@ -57,7 +87,7 @@ class _ConvNdMoE(MoEBase):
         out_channels: int,
         n_experts: int,
         kernel_size: int | Sequence[int],
-        input_size: int | Sequence[int],
+        input_size: int | Sequence[int] | None = None,
         *,
         stride: int | Sequence[int] = 1,
         padding: PaddingSpec = "valid",
@@ -71,34 +101,53 @@ class _ConvNdMoE(MoEBase):
         self.kernel_size = as_tuple(kernel_size, d, "kernel_size")
         self.stride = as_tuple(stride, d, "stride")
         self.dilation = as_tuple(dilation, d, "dilation")
-        self.input_size = as_tuple(input_size, d, "input_size")
         self.padding = check_padding(padding, d)
-        self._pads = pad_amounts(
-            self.padding, self.input_size, self.kernel_size, self.stride, self.dilation
-        )
-        self.output_size = output_size(
-            self.input_size, self._pads, self.kernel_size, self.stride, self.dilation
-        )
-        if any(n < 1 for n in self.output_size):
+        if input_size is None and self.gate_input == "full":
             raise ValueError(
-                f"input_size {self.input_size} is too small for kernel_size {self.kernel_size} "
-                f"with dilation {self.dilation} and padding {self.padding!r} (output size would be "
-                f"{self.output_size}); use a larger input, a smaller kernel or padding='same'"
+                f"{type(self).__name__} needs input_size with gate_input='full': the gate reads "
+                "the whole input volume, so its weights depend on the input's size; pass "
+                "input_size, or use gate_input='pooled' (gates from the average-pooled channels, "
+                "any input size)"
             )
-        # Symmetric amounts go to the convolution itself; Keras' odd 'same' totals and causal
-        # padding need an explicit pad first.
-        self._symmetric = all(before == after for before, after in self._pads)
+        self.input_size: tuple[int, ...] | None = None
+        self.output_size: tuple[int, ...] | None = None
+        self._pads: tuple[tuple[int, int], ...] | None = None
+        if input_size is not None:
+            self.input_size = as_tuple(input_size, d, "input_size")
+            self._pads, self.output_size = self._geometry(self.input_size)
 
         k, out = self.n_experts, self.out_channels
         self.expert_kernel = nn.Parameter(torch.empty(out * k, in_channels, *self.kernel_size))
-        self.gating_kernel = nn.Parameter(torch.empty(in_channels, *self.input_size, out, k))
+        gate_in = (in_channels,) if self.gate_input == "pooled" else (in_channels, *self.input_size)
+        self.gating_kernel = nn.Parameter(torch.empty(*gate_in, out, k))
         self._finish_init(expert_bias_shape=(out, k), gating_bias_shape=(out, k))
+
+    def _geometry(
+        self, spatial: tuple[int, ...]
+    ) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+        """(before, after) padding per dim and the output size for an input of ``spatial`` size;
+        ValueError when the output would be empty."""
+        pads = pad_amounts(self.padding, spatial, self.kernel_size, self.stride, self.dilation)
+        size = output_size(spatial, pads, self.kernel_size, self.stride, self.dilation)
+        if any(n < 1 for n in size):
+            what = (
+                "input_size" if spatial == self.input_size or self.input_size is None else "input"
+            )
+            raise ValueError(
+                f"{what} {spatial} is too small for kernel_size {self.kernel_size} "
+                f"with dilation {self.dilation} and padding {self.padding!r} (output size would be "
+                f"{size}); use a larger input, a smaller kernel or padding='same'"
+            )
+        return pads, size
 
     def reset_parameters(self) -> None:
         """The seed's init: normal kernels, std ``s / sqrt(fan_in)``, with the gate's fan-in the
-        whole input volume."""
+        whole input volume (the C pooled channels for ``gate_input="pooled"``). Biases from their
+        initializers; the noise kernel zero."""
         fan_expert = self.in_channels * math.prod(self.kernel_size)
-        fan_gating = self.in_channels * math.prod(self.input_size)
+        fan_gating = self.in_channels
+        if self.gate_input == "full":
+            fan_gating *= math.prod(self.input_size)
         std_expert = self.expert_kernel_initializer_scale / math.sqrt(fan_expert)
         std_gating = self.gating_kernel_initializer_scale / math.sqrt(fan_gating)
         with torch.no_grad():
@@ -110,8 +159,9 @@ class _ConvNdMoE(MoEBase):
         # module.to(memory_format=torch.channels_last) converts every rank-4/5 tensor. The gating
         # kernel (C, *input_size, out, K) is rank 4 (1D layer) or 5 (2D layer) without being an
         # image, and converting it either fails (rank 5 + channels_last) or silently makes it
-        # non-contiguous. Hand it to fn as a 2D view, so dtype/device changes still apply but no
-        # memory format does; the expert kernel is converted like nn.Conv's weight.
+        # non-contiguous. Hand it (and the noise kernel, of the same shape) to fn as a 2D view,
+        # so dtype/device changes still apply but no memory format does; the expert kernel is
+        # converted like nn.Conv's weight.
         gating_shape = self.gating_kernel.shape
 
         def keep_gating_layout(t: Tensor) -> Tensor:
@@ -127,11 +177,13 @@ class _ConvNdMoE(MoEBase):
         if name == "expert_kernel":
             return tuple(range(1, self.ndim + 2))  # (C, *kernel_size) of each output channel
         if name == "gating_kernel":
-            return tuple(range(self.ndim + 1))  # (C, *input_size): the whole input volume
+            # (C, *input_size): the whole input volume; (C,) for pooled gates
+            return tuple(range(self.gating_kernel.dim() - 2))
         return (0,)
 
-    def _check_input(self, x: Tensor) -> None:
-        expected = (self.in_channels, *self.input_size)
+    def _check_input(self, x: Tensor) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+        """Validate ``x``; return the padding and output size for its spatial size."""
+        expected = (self.in_channels, *(self.input_size or ("*",) * self.ndim))
         if x.dim() != self.ndim + 2:
             raise ValueError(
                 f"{type(self).__name__} expected a {self.ndim + 2}D input (B, {', '.join(map(str, expected))}), "
@@ -142,52 +194,162 @@ class _ConvNdMoE(MoEBase):
                 f"{type(self).__name__} expected {self.in_channels} input channels (dim 1, channels "
                 f"first), got {x.shape[1]} in shape {tuple(x.shape)}"
             )
-        if tuple(x.shape[2:]) != self.input_size:
+        self._check_dtype(x)
+        spatial = tuple(x.shape[2:])
+        if spatial == self.input_size:
+            assert self._pads is not None and self.output_size is not None
+            return self._pads, self.output_size
+        if self.gate_input == "full":
             raise ValueError(
                 f"{type(self).__name__} expected spatial size {self.input_size}, got "
-                f"{tuple(x.shape[2:])}: the gate reads the whole input volume, so the layer is "
-                f"tied to input_size; build it with input_size={tuple(x.shape[2:])}"
+                f"{spatial}: the gate reads the whole input volume, so the layer is "
+                f"tied to input_size; build it with input_size={spatial} (or use "
+                "gate_input='pooled', which works at any size)"
             )
-        self._check_dtype(x)
+        return self._geometry(spatial)
 
-    def _expert_conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if self._symmetric:
-            padding = tuple(before for before, _ in self._pads)
-        else:
-            # F.pad lists dims last-first
-            x = F.pad(x, [p for pair in reversed(self._pads) for p in pair])
-            padding = (0,) * self.ndim
-        return _CONV[self.ndim](x, weight, bias, self.stride, padding, self.dilation)
+    def expert_backend_for(self, output_size: Sequence[int], dense_gates: bool) -> str:
+        """The backend a forward uses, ``"channels"`` or ``"kernel_mix"``, for an output of
+        ``output_size`` with dense gates (``top_k`` None or ``n_experts``) or top-k ones (see the
+        class docstring for the cost model of ``"auto"``)."""
+        if self.expert_backend != "auto":
+            return self.expert_backend
+        if not self.expert_activation.is_identity:
+            return "channels"  # kernel_mix would not be exact
+        computed = self.n_experts if dense_gates else self.top_k
+        assert computed is not None
+        positions = math.prod(output_size)
+        window = self.in_channels * math.prod(self.kernel_size)
+        channels_cost = computed * (window * positions + positions)
+        kernel_mix_cost = computed * window + window * positions
+        if KERNEL_MIX_MIN_SAVING * kernel_mix_cost <= channels_cost:
+            return "kernel_mix"
+        return "channels"
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, in_channels, *input_size) -> (B, out_channels, *output_size)``; a channels_last
         input gives a channels_last output, as nn.Conv does."""
-        self._check_input(x)
+        pads, out_size = self._check_input(x)
+        batch = x.shape[0]
+        if self.gate_input == "pooled":
+            features = x.mean(dim=tuple(range(2, x.dim())), dtype=self._gate_dtype(x))  # (B, C)
+        else:
+            features = x.reshape(batch, math.prod(x.shape[1:]))  # (C, *input_size) order
+        gates, index = self._route(features, self._mix_dtype(x))  # (B, out, k)
+        backend = self.expert_backend_for(out_size, dense_gates=index is None)
+        if batch == 0 or routing.in_functorch_transform(x):
+            # Grouped convolutions need a batch, and data-dependent gathers cannot be vmapped:
+            # the seed's path with the gates of the experts not kept set to zero (same values).
+            y = self._mix_all(x, pads, routing.dense_gates(gates, index, self.n_experts))
+        elif index is None and backend == "channels":
+            y = self._mix_all(x, pads, gates)
+        else:
+            if backend == "kernel_mix":
+                y = self._kernel_mix(x, pads, gates, index)
+            else:
+                y = self._mix_kept(x, pads, gates, index)
+            if _is_channels_last(x):  # the grouped convolution's output is plain contiguous
+                y = y.contiguous(memory_format=_channels_last_format(y))
+        self._record_activity(y)
+        return y
+
+    # -- expert paths ------------------------------------------------------------------------
+
+    def _conv(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        pads: tuple[tuple[int, int], ...],
+        groups: int = 1,
+    ) -> Tensor:
+        if all(before == after for before, after in pads):
+            padding = tuple(before for before, _ in pads)
+        else:
+            # Keras' odd 'same' totals and causal padding: an explicit pad (F.pad lists dims
+            # last-first), then a valid convolution
+            x = F.pad(x, [p for pair in reversed(pads) for p in pair])
+            padding = (0,) * self.ndim
+        return _CONV[self.ndim](x, weight, bias, self.stride, padding, self.dilation, groups)
+
+    def _mix_all(self, x: Tensor, pads: tuple[tuple[int, int], ...], gates: Tensor) -> Tensor:
+        """The seed's path: every expert as ONE convolution, then the weighted sum with
+        ``gates (B, out, K)``."""
         batch, k, out = x.shape[0], self.n_experts, self.out_channels
         bias = None if self.expert_bias is None else self.expert_bias.reshape(-1)
-        hidden = self._expert_conv(x, self.expert_kernel, bias)  # (B, out*K, *S')
-
-        flat_kernel = self.gating_kernel.reshape(-1, out * k)
-        flat_x = x.reshape(batch, flat_kernel.shape[0])  # (C, *input_size) order, any layout
-        if self.gating_bias is None:
-            logits = flat_x @ flat_kernel
-        else:
-            logits = torch.addmm(self.gating_bias.reshape(-1), flat_x, flat_kernel)
-        gates = self._gate(logits.view(batch, out, k)).to(hidden.dtype)  # (B, out, K)
-
+        hidden = self._conv(x, self.expert_kernel, bias, pads)  # (B, out*K, *S')
+        gates = gates.to(hidden.dtype)
         # Weighted sum over experts, in the layout the convolution produced, so that no copy is
         # made and the output keeps the input's memory format. Channel f*K + k is expert k of
         # filter f (filter-major), so K is the faster-varying half of the channel axis.
         if _is_channels_last(hidden):
             hidden = hidden.movedim(1, -1).unflatten(-1, (out, k))  # (B, *S', out, K), a view
             hidden = self.expert_activation(hidden, -1)
-            y = (hidden * gates.view(batch, *([1] * self.ndim), out, k)).sum(-1).movedim(-1, 1)
+            return (hidden * gates.view(batch, *([1] * self.ndim), out, k)).sum(-1).movedim(-1, 1)
+        hidden = hidden.unflatten(1, (out, k))  # (B, out, K, *S'), a view
+        hidden = self.expert_activation(hidden, 2)
+        return (hidden * gates.view(batch, out, k, *([1] * self.ndim))).sum(2)
+
+    def _kept_rows(self, index: Tensor) -> Tensor:
+        """Kept experts ``(B, out, k)`` -> rows of ``expert_kernel`` ``(B * out * k,)``: expert
+        ``index[b, f, j]`` of filter f is row ``f * K + index[b, f, j]``."""
+        first = torch.arange(self.out_channels, device=index.device) * self.n_experts
+        return (index + first.view(1, -1, 1)).reshape(-1)
+
+    def _grouped_conv(
+        self,
+        x: Tensor,
+        pads: tuple[tuple[int, int], ...],
+        weight: Tensor,
+        bias: Tensor | None,
+    ) -> Tensor:
+        """A different set of kernels per sample: ``weight (B * n, C, *ks)`` (sample-major) ->
+        ``(B, n, *S')``, as ONE convolution of the batch folded into channels, ``groups=B``."""
+        batch = x.shape[0]
+        folded = x.reshape(1, batch * self.in_channels, *x.shape[2:])
+        y = self._conv(folded, weight, bias, pads, groups=batch)  # (1, B*n, *S')
+        return y.view(batch, -1, *y.shape[2:])
+
+    def _mix_kept(
+        self, x: Tensor, pads: tuple[tuple[int, int], ...], gates: Tensor, index: Tensor
+    ) -> Tensor:
+        """Top-k, ``channels`` backend: run each sample's k kept kernels per filter, then mix."""
+        batch, out, k = x.shape[0], self.out_channels, index.shape[-1]
+        rows = self._kept_rows(index)
+        weight = self.expert_kernel.index_select(0, rows)  # (B*out*k, C, *ks)
+        bias = None if self.expert_bias is None else self.expert_bias.reshape(-1)[rows]
+        hidden = self._grouped_conv(x, pads, weight, bias)  # (B, out*k, *S')
+        hidden = self.expert_activation(hidden.unflatten(1, (out, k)), 2)  # elementwise
+        gates = gates.to(hidden.dtype).view(batch, out, k, *([1] * self.ndim))
+        if k == 1:
+            return hidden.squeeze(2) * gates.squeeze(2)
+        return (hidden * gates).sum(2)
+
+    def _kernel_mix(
+        self,
+        x: Tensor,
+        pads: tuple[tuple[int, int], ...],
+        gates: Tensor,
+        index: Tensor | None,
+    ) -> Tensor:
+        """CondConv: each sample's kernel per filter is the gate-weighted sum of its experts'
+        (all K for dense gates, the kept k for top-k), and so is its bias; then ONE grouped
+        convolution. Exact for linear experts only (checked at construction / by ``auto``)."""
+        batch, out, k = x.shape[0], self.out_channels, gates.shape[-1]
+        gates = gates.to(self.expert_kernel.dtype)  # (B, out, k)
+        if index is None:
+            kernels = self.expert_kernel.reshape(out, k, -1)  # (out, K, C*prod(ks))
+            mixed = torch.einsum("bfk,fkw->bfw", gates, kernels)
+            bias = None if self.expert_bias is None else (gates * self.expert_bias).sum(-1)
         else:
-            hidden = hidden.unflatten(1, (out, k))  # (B, out, K, *S'), a view
-            hidden = self.expert_activation(hidden, 2)
-            y = (hidden * gates.view(batch, out, k, *([1] * self.ndim))).sum(2)
-        self._record_activity(y)
-        return y
+            rows = self._kept_rows(index)
+            kernels = self.expert_kernel.index_select(0, rows).view(batch, out, k, -1)
+            mixed = torch.einsum("bfk,bfkw->bfw", gates, kernels)
+            bias = None
+            if self.expert_bias is not None:
+                bias = (gates * self.expert_bias.reshape(-1)[rows].view(batch, out, k)).sum(-1)
+        weight = mixed.reshape(batch * out, self.in_channels, *self.kernel_size)
+        return self._grouped_conv(x, pads, weight, None if bias is None else bias.reshape(-1))
 
     def extra_repr(self) -> str:
         parts = [
@@ -200,7 +362,15 @@ class _ConvNdMoE(MoEBase):
         parts.append(f"padding={self.padding!r}")
         if any(d != 1 for d in self.dilation):
             parts.append(f"dilation={self.dilation}")
+        if self.gate_input != "full":
+            parts.append(f"gate_input={self.gate_input!r}")
+        if self.expert_backend != "auto":
+            parts.append(f"expert_backend={self.expert_backend!r}")
         return ", ".join(parts) + ", " + self._moe_repr()
+
+
+def _channels_last_format(t: Tensor) -> torch.memory_format:
+    return torch.channels_last if t.dim() == 4 else torch.channels_last_3d
 
 
 def _is_channels_last(t: Tensor) -> bool:

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from moe_lab.layers import MoEBase
+from moe_lab.layers import AUX_LOSS_NAMES, MoEBase
 from moe_lab.utils.io import atomic_write_text
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
@@ -67,6 +67,12 @@ class Classifier(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
+        unknown = sorted(set(aux_loss_weights or {}) - set(AUX_LOSS_NAMES))
+        if unknown:
+            raise ValueError(
+                f"aux_loss_weights: unknown auxiliary losses {unknown}; the MoE layers compute "
+                f"{', '.join(AUX_LOSS_NAMES)}"
+            )
         self.aux_loss_weights = {k: float(v) for k, v in (aux_loss_weights or {}).items() if v}
         self.channels_last = channels_last
         # A plain dict: the layers are already registered as submodules of ``model``.
