@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric
@@ -236,7 +237,10 @@ class Classifier(L.LightningModule):
         checkpoint["moe_lab_history"] = [dict(r) for r in self.history]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.history = [dict(r) for r in checkpoint.get("moe_lab_history", [])]
+        # Only a resumed fit continues the table; testing the best checkpoint must not roll the
+        # run's history back to that epoch.
+        if self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING:
+            self.history = [dict(r) for r in checkpoint.get("moe_lab_history", [])]
 
     # -- optimisation ----------------------------------------------------------------------------
 
