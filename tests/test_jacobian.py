@@ -223,7 +223,7 @@ def test_settings_reject_bad_values(key: str, value: object) -> None:
 
 
 def test_missing_conf_dir_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(jacobian, "CONF_DIR", tmp_path / "conf")
+    monkeypatch.setattr(jacobian, "CONFIG_DIR", tmp_path / "conf")
     with pytest.raises(FileNotFoundError, match=r"jacobian\.yaml"):
         jacobian.main()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,10 @@ def _find_config_dir() -> Path:
 
 
 CONFIG_DIR = _find_config_dir()
+
+# conf/hydra/launcher/{basic,joblib,submitit_slurm}.yaml deliberately carry the plugins' names, so
+# Hydra matches them against the plugins' schemas and says so on every run.
+warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema")
 
 
 class ConfigError(ValueError):

@@ -55,21 +55,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
-import moe_lab.utils.resolvers  # noqa: F401  (registers ${uid:} used by conf/jacobian.yaml)
 from moe_lab.analysis.spectrum import (
     condition_number,
     effective_rank,
     mean_spectrum,
     numerical_rank,
 )
+from moe_lab.config import CONFIG_DIR  # also registers the ${uid:} resolver conf/ uses
 from moe_lab.layers import DenseMoE
 from moe_lab.layers.options import Activation, resolve_activation
 from moe_lab.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-# The repo layout is src/moe_lab/jacobian.py and conf/ at the repo root (an editable install).
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 SPECTRA_COLUMNS = ("model", "n_experts", "index", "mean_singular_value", "se")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -510,7 +508,7 @@ def format_table(result: JacobianResult) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="jacobian", version_base="1.3")
+@hydra.main(config_path=str(CONFIG_DIR), config_name="jacobian", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -536,9 +534,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Entry point of ``python -m moe_lab.jacobian`` and ``moe-jacobian``."""
-    if not (CONF_DIR / "jacobian.yaml").is_file():
+    if not (CONFIG_DIR / "jacobian.yaml").is_file():
         raise FileNotFoundError(
-            f"config {CONF_DIR / 'jacobian.yaml'} not found: moe_lab.jacobian reads the repo's "
+            f"config {CONFIG_DIR / 'jacobian.yaml'} not found: moe_lab.jacobian reads the repo's "
             "conf/ dir, so install moe_lab editable from a checkout (pip install -e .)"
         )
     _hydra_main()

@@ -11,7 +11,6 @@ import logging
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,6 @@ from moe_lab.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("moe_lab.train")
 
-# conf/hydra/launcher/{basic,joblib,submitit_slurm}.yaml deliberately carry the plugins' names, so
-# Hydra matches them against the plugins' schemas and says so on every run.
-warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema")
 
 SUMMARY_FIELDS = (
     "experiment", "model", "data", "n_experts", "top_k", "seed", "params", "flops_per_example",
