@@ -10,10 +10,19 @@ relu experts and softmax gates (the MoE model's defaults), in one process: each 
 up, then timed in interleaved repeats (candidate, reference, candidate, ...), and the ratio is
 the median over repeats of candidate / reference time. The issue's target is a ratio <= 1.5.
 
-    python scripts/bench_routing.py [--repeats 9] [--threads N] [--json out.json]
+    python scripts/bench_routing.py [--repeats 9] [--threads N] [--dense-batch 256] [--json FILE]
 
 Each backward produces fresh ``.grad`` tensors (as ``optimizer.zero_grad(set_to_none=True)``
 leaves them), so the 16 experts' 16x larger weight gradient is part of the cost.
+
+Reading the numbers. Top-1 routing makes the experts' multiply-adds independent of K, but not
+the bytes: every step reads all K experts' weights twice (forward, input gradient) and writes
+their K-fold gradient. The conv layer is compute-bound (its weights are small next to its
+activations) and lands near 1x. The dense layer at B=256 has 16 rows per expert: its 16 MB of
+weights and 16 MB of fresh gradient dominate, and on CPU each fresh multi-MB tensor also pays
+page faults (glibc returns large blocks to the OS; setting ``MALLOC_MMAP_THRESHOLD_`` /
+``MALLOC_TRIM_THRESHOLD_`` or torch's ``THP_MEM_ALLOC_ENABLE=1`` shrinks that share). The
+dense ratio falls as the rows per expert grow: try ``--dense-batch 1024`` or ``2048``.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ N_EXPERTS = 16
 LAYER_OPTIONS: dict[str, Any] = {"expert_activation": "relu", "gating_activation": "softmax"}
 
 
-def conv_pair() -> tuple[nn.Module, nn.Module, tuple[int, ...], str]:
+def conv_pair(batch: int) -> tuple[nn.Module, nn.Module, tuple[int, ...], str]:
     """(candidate, reference, input shape, description) for the conv comparison."""
 
     def build(n_experts: int) -> nn.Module:
@@ -45,14 +54,15 @@ def conv_pair() -> tuple[nn.Module, nn.Module, tuple[int, ...], str]:
             **LAYER_OPTIONS,
         )  # fmt: skip
 
-    return build(N_EXPERTS), build(1), (32, 32, 32, 32), "Conv2dMoE B=32 C=32 32x32 out=32 3x3"
+    description = f"Conv2dMoE B={batch} C=32 32x32 out=32 3x3"
+    return build(N_EXPERTS), build(1), (batch, 32, 32, 32), description
 
 
-def dense_pair() -> tuple[nn.Module, nn.Module, tuple[int, ...], str]:
+def dense_pair(batch: int) -> tuple[nn.Module, nn.Module, tuple[int, ...], str]:
     """(candidate, reference, input shape, description) for the dense comparison."""
     candidate = DenseMoE(512, 512, N_EXPERTS, top_k=1, **LAYER_OPTIONS)
     reference = DenseMoE(512, 512, 1, **LAYER_OPTIONS)
-    return candidate, reference, (256, 512), "DenseMoE B=256 512->512"
+    return candidate, reference, (batch, 512), f"DenseMoE B={batch} 512->512"
 
 
 def fwd_bwd(layer: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
@@ -104,6 +114,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats (>= 5)")
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--conv-batch", type=int, default=32, help="conv comparison batch")
+    parser.add_argument("--dense-batch", type=int, default=256, help="dense comparison batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -114,9 +126,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, float32")
 
     results = []
-    for make_pair in (conv_pair, dense_pair):
+    for make_pair, batch in ((conv_pair, args.conv_batch), (dense_pair, args.dense_batch)):
         torch.manual_seed(args.seed)
-        candidate, reference, shape, description = make_pair()
+        candidate, reference, shape, description = make_pair(batch)
         x = torch.randn(shape, requires_grad=True)
         grad = torch.randn_like(reference(x))
         row = interleaved_ratio(

@@ -260,18 +260,21 @@ def test_kernel_mix_equals_channels_for_linear_experts(ndim: int, top_k: int | N
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
-def test_auto_backend_follows_the_cost_model() -> None:
+def test_auto_backend_rule() -> None:
+    """kernel_mix exactly when exact (linear experts), >= 2 experts computed per filter and
+    >= 32 output positions."""
     linear = Conv2dMoE(8, 4, 4, 3, (16, 16), padding="same", gating_activation="softmax")
     relu = Conv2dMoE(8, 4, 4, 3, (16, 16), padding="same", expert_activation="relu")
     top1 = Conv2dMoE(8, 4, 4, 3, (16, 16), padding="same", top_k=1)
     top2 = Conv2dMoE(8, 4, 4, 3, (16, 16), padding="same", top_k=2)
-    # dense gates, linear experts, 256 positions: K = 4 convolutions vs one -> kernel_mix
+    forced = Conv2dMoE(8, 4, 4, 3, (16, 16), padding="same", expert_backend="channels")
     assert linear.expert_backend_for((16, 16), dense_gates=True) == "kernel_mix"
-    # one output position: mixing the kernels costs as much as the convolutions it saves
-    assert linear.expert_backend_for((1, 1), dense_gates=True) == "channels"
+    assert linear.expert_backend_for((4, 8), dense_gates=True) == "kernel_mix"
+    assert linear.expert_backend_for((4, 7), dense_gates=True) == "channels"  # 28 positions
     assert relu.expert_backend_for((16, 16), dense_gates=True) == "channels"  # not exact
     assert top1.expert_backend_for((16, 16), dense_gates=False) == "channels"  # nothing to save
     assert top2.expert_backend_for((16, 16), dense_gates=False) == "kernel_mix"
+    assert forced.expert_backend_for((16, 16), dense_gates=True) == "channels"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,6 +408,20 @@ def test_torch_func_transforms_work_and_leave_no_escaped_record(ndim: int) -> No
     assert layer.last_gates is None
     layer(x)
     assert layer.routing_stats()["load"].sum().item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("ndim", [0, 2])
+def test_vmap_over_stacked_parameters(ndim: int) -> None:
+    """An ensemble through torch.func: vmap over stacked weights, the input shared."""
+    layer, shape = small_layer(ndim, expert_activation="relu", top_k=2)
+    x = torch.randn(shape, dtype=torch.float64)
+    stacked = {name: torch.stack([p, 1.1 * p]) for name, p in layer.named_parameters()}
+
+    def run(params: dict[str, Tensor]) -> Tensor:
+        return torch.func.functional_call(layer, params, (x,))
+
+    expected = torch.stack([run({n: p[i] for n, p in stacked.items()}) for i in range(2)])
+    torch.testing.assert_close(torch.func.vmap(run)(stacked), expected)
 
 
 def test_no_forward_yet_is_a_clear_error() -> None:

@@ -67,7 +67,6 @@ class MoEBase(nn.Module):
             with ``name`` and Keras' arguments (``max_value``, ``min_value``, ``rate``, ``axis``),
             or a callable ``fn(weight) -> weight``; applied by :meth:`apply_constraints`. ``axis``
             indexes our layout; the default is each kernel's fan-in axes and a bias's axis 0.
-
         top_k: None (default) for the seed's dense mixture, where every expert is computed and
             mixed. An int ``1 <= k <= n_experts`` keeps, per sample (and per filter for the conv
             layers), the k experts with the largest gate logits; only those are computed (for

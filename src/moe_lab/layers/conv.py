@@ -17,10 +17,12 @@ from .padding import PaddingSpec, as_tuple, check_padding, output_size, pad_amou
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-#: ``expert_backend="auto"`` picks ``kernel_mix`` (when exact) only if the cost model predicts at
-#: least this factor fewer multiply-adds than ``channels``: the grouped convolution that
-#: kernel_mix runs (one group per sample) is slower per multiply-add on CPU than a batched one.
-KERNEL_MIX_MIN_SAVING = 2.0
+#: ``expert_backend="auto"`` picks ``kernel_mix`` (when exact) only for outputs of at least this
+#: many positions: below it the grouped convolution (one group per sample, a small GEMM each) is
+#: slower than the channels path's batched one. CPU, forward + backward, 1 thread, K = 2-4:
+#: kernel_mix took 1.2-1.4x the channels time at 4x4 outputs, 0.8-1.06x at 6x6 to 8x8 (and
+#: 1D length 20-40), 0.2-0.45x at 32x32.
+KERNEL_MIX_MIN_POSITIONS = 32
 
 
 class _ConvNdMoE(MoEBase):
@@ -48,12 +50,14 @@ class _ConvNdMoE(MoEBase):
     - ``"kernel_mix"`` (CondConv): mix each sample's (kept) kernels and biases with its gates,
       then ONE grouped convolution with ``B * out`` output channels. Equal to mixing the outputs
       only for linear experts, so it needs ``expert_activation`` None / ``"linear"``.
-    - ``"auto"``: ``kernel_mix`` when it is exact and the cost model predicts it does at least
-      :data:`KERNEL_MIX_MIN_SAVING` times fewer multiply-adds, else ``channels``. Per sample and
-      filter, with ``k`` the experts computed (K for dense gates), ``P`` output positions and
-      ``W = C * prod(kernel_size)``: channels ``k * (W * P + P)`` (convolutions + mix), kernel_mix
-      ``k * W + W * P`` (kernel mixing + one convolution). For dense gates that is about a
-      k-fold saving whenever ``P`` is large; for top-1 there is nothing to save.
+    - ``"auto"``: ``kernel_mix`` when it is exact (linear experts), at least 2 experts are
+      computed per filter (all K for dense gates, k for top-k) and the output has at least
+      :data:`KERNEL_MIX_MIN_POSITIONS` positions; else ``channels``. The cost model behind it:
+      per sample and filter, with ``k`` experts computed, ``P`` output positions and
+      ``W = C * prod(kernel_size)`` weights per kernel, channels does ``k * W * P`` multiply-adds,
+      kernel_mix ``k * W + W * P``: a k-fold saving when ``P`` is large, none for ``k = 1``; at
+      small ``P`` the per-sample grouped convolution's overhead outweighs it (measured, see
+      :data:`KERNEL_MIX_MIN_POSITIONS`).
 
     Args:
         in_channels: input channels C.
@@ -218,11 +222,7 @@ class _ConvNdMoE(MoEBase):
             return "channels"  # kernel_mix would not be exact
         computed = self.n_experts if dense_gates else self.top_k
         assert computed is not None
-        positions = math.prod(output_size)
-        window = self.in_channels * math.prod(self.kernel_size)
-        channels_cost = computed * (window * positions + positions)
-        kernel_mix_cost = computed * window + window * positions
-        if KERNEL_MIX_MIN_SAVING * kernel_mix_cost <= channels_cost:
+        if computed >= 2 and math.prod(output_size) >= KERNEL_MIX_MIN_POSITIONS:
             return "kernel_mix"
         return "channels"
 
@@ -237,7 +237,7 @@ class _ConvNdMoE(MoEBase):
             features = x.reshape(batch, math.prod(x.shape[1:]))  # (C, *input_size) order
         gates, index = self._route(features, self._mix_dtype(x))  # (B, out, k)
         backend = self.expert_backend_for(out_size, dense_gates=index is None)
-        if batch == 0 or routing.in_functorch_transform(x):
+        if batch == 0 or routing.in_functorch_transform(x, gates, self.expert_kernel):
             # Grouped convolutions need a batch, and data-dependent gathers cannot be vmapped:
             # the seed's path with the gates of the experts not kept set to zero (same values).
             y = self._mix_all(x, pads, routing.dense_gates(gates, index, self.n_experts))
@@ -374,8 +374,9 @@ def _channels_last_format(t: Tensor) -> torch.memory_format:
 
 
 def _is_channels_last(t: Tensor) -> bool:
-    """True for a 4D/5D tensor laid out channels-last (and not also plain contiguous)."""
-    if t.dim() not in (4, 5) or t.is_contiguous():
+    """True for a 4D/5D tensor laid out channels-last (and not also plain contiguous); False
+    inside torch.func transforms, where layouts cannot be queried (and do not matter)."""
+    if t.dim() not in (4, 5) or routing.in_functorch_transform(t) or t.is_contiguous():
         return False
     fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
     return t.is_contiguous(memory_format=fmt)

@@ -82,7 +82,9 @@ class DenseMoE(MoEBase):
         gates, index = self._route(flat, self._mix_dtype(x))  # (N, 1, k)
         if index is None:
             y = self._mix_all(flat, gates)
-        elif flat.shape[0] > 0 and not routing.in_functorch_transform(flat):
+        elif flat.shape[0] > 0 and not routing.in_functorch_transform(
+            flat, gates, self.expert_kernel
+        ):
             y = self._mix_kept(flat, gates.view(-1), index.view(-1))
         else:
             # Inside torch.func transforms data-dependent sizes cannot be vmapped: compute every

@@ -46,8 +46,9 @@ class RoutingRecord(NamedTuple):
     gates_dtype: torch.dtype  # dtype the experts' outputs were mixed in (``last_gates``' dtype)
 
 
-def in_functorch_transform(t: Tensor) -> bool:
-    """True when ``t`` is wrapped by a ``torch.func`` transform (vmap, grad, jacrev, ...).
+def in_functorch_transform(*tensors: Tensor) -> bool:
+    """True when any of ``tensors`` is wrapped by a ``torch.func`` transform (vmap, grad,
+    jacrev, ...; the input, or the parameters under ``functional_call``).
 
     Tensors seen inside a transform must not outlive it: kept on the layer they make later reads
     fail with functorch's "escaped" error, and their data-dependent sizes cannot be vmapped.
@@ -56,7 +57,7 @@ def in_functorch_transform(t: Tensor) -> bool:
     """
     if torch.compiler.is_compiling():
         return False
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def select_top_k(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
