@@ -99,7 +99,15 @@ def test_launcher_configs_compose(launcher: str) -> None:
 
 @pytest.mark.parametrize(
     "experiment",
-    ["mnist1d", "digits", "moving_digits", "experts_sweep", "seed_cifar10", "controlled_cifar10"],
+    [
+        "mnist1d",
+        "digits",
+        "moving_digits",
+        "experts_sweep",
+        "routing_mnist1d",
+        "seed_cifar10",
+        "controlled_cifar10",
+    ],
 )
 def test_experiment_presets_compose(experiment: str) -> None:
     from hydra import compose, initialize_config_dir
