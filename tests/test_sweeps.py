@@ -131,3 +131,28 @@ def test_experiment_presets_compose(experiment: str) -> None:
         assert params.model == "cnn,moe,cnn_matched" and cfg.data.val_split > 0
     if experiment == "experts_sweep":
         assert params.experts == "k1,k2,k4,k8"
+
+
+def test_routing_variants_of_one_k_are_separate_groups(tmp_path: Path) -> None:
+    from moe_lab.analysis import load_runs, summarize
+    from moe_lab.train import _routing_variant
+
+    assert _routing_variant({"gate_input": "full", "top_k": 1}) is None
+    assert (
+        _routing_variant({"gate_input": "pooled", "noisy_gating": True})
+        == "noisy_gating=True,gate_input=pooled"
+    )
+    for i, (routing, acc) in enumerate(
+        [(None, 0.5), (None, 0.6), ("gate_input=pooled", 0.7), ("gate_input=pooled", 0.8)]
+    ):
+        job = tmp_path / str(i)
+        job.mkdir()
+        summary = {
+            "model": "moe", "data": "mnist1d", "n_experts": 4, "top_k": None, "routing": routing, "seed": i,
+            "params": 10, "status": "completed", "epochs": 1, "val_acc_last": acc, "val_acc_best": acc,
+            "test_acc": acc, "wall_time_s": 1.0,
+        }  # fmt: skip
+        (job / "summary.json").write_text(json.dumps(summary))
+    table = summarize(load_runs(tmp_path))
+    assert sorted(table["group"]) == ["moe K=4", "moe K=4 gate_input=pooled"]
+    assert sorted(table["n"]) == [2, 2]

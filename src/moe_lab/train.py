@@ -32,7 +32,7 @@ log = logging.getLogger("moe_lab.train")
 
 
 SUMMARY_FIELDS = (
-    "experiment", "model", "data", "n_experts", "top_k", "seed", "params", "flops_per_example",
+    "experiment", "model", "data", "n_experts", "top_k", "routing", "seed", "params", "flops_per_example",
     "width_multiplier", "match", "match_target", "status", "error_type", "error_message", "diverged_at",
     "epochs", "max_epochs", "val_acc_last", "val_acc_best", "test_acc", "wall_time_s", "run_dir",
     "overrides",
@@ -64,6 +64,21 @@ def _group_choice(group: str) -> str | None:
         return None
 
 
+# The layers' routing defaults: options that differ from them name a variant in the report.
+_ROUTING_DEFAULTS = {"noisy_gating": False, "gate_input": "full", "expert_backend": "auto"}
+
+
+def _routing_variant(moe_kwargs: Any) -> str | None:
+    """E.g. ``"gate_input=pooled,noisy_gating=True"``; None for the seed's routing (``top_k`` has a
+    field of its own)."""
+    changed = [
+        f"{key}={moe_kwargs[key]}"
+        for key, default in _ROUTING_DEFAULTS.items()
+        if key in moe_kwargs and moe_kwargs[key] != default
+    ]
+    return ",".join(changed) or None
+
+
 def _initial_summary(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = dict.fromkeys(SUMMARY_FIELDS)
     model_cfg = cfg.get("model") or {}
@@ -76,6 +91,7 @@ def _initial_summary(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if model_cfg.get("kind") != "cnn" or model_cfg.get("match")
         else None,
         top_k=(experts_cfg.get("moe_kwargs") or {}).get("top_k"),
+        routing=_routing_variant(experts_cfg.get("moe_kwargs") or {}),
         seed=cfg.get("seed"),
         max_epochs=(cfg.get("trainer") or {}).get("max_epochs"),
         status="running",

@@ -45,6 +45,7 @@ REQUIRED_FIELDS: tuple[str, ...] = (
 OPTIONAL_FIELDS: tuple[str, ...] = (
     "experiment",
     "top_k",
+    "routing",
     "flops_per_example",
     "width_multiplier",
     "match_target",
@@ -61,8 +62,11 @@ RUN_STATUSES: tuple[str, ...] = ("completed", "failed", "diverged")
 NOT_COMPLETED_STATUSES: tuple[str, ...] = ("failed", "diverged", "partial", "missing", "invalid")
 #: Accuracy fields, fractions in [0, 1].
 ACCURACY_FIELDS: tuple[str, ...] = ("val_acc_last", "val_acc_best", "test_acc")
-#: Columns that identify a group of repetitions (seeds). ``top_k`` only counts when some run has it.
-GROUP_KEYS: tuple[str, ...] = ("data", "model", "n_experts", "top_k")
+#: Columns that identify a group of repetitions (seeds). The optional ones (``top_k``, and
+#: ``routing``: the non-default routing options, e.g. "gate_input=pooled") only count when some
+#: run has them.
+GROUP_KEYS: tuple[str, ...] = ("data", "model", "n_experts", "top_k", "routing")
+_OPTIONAL_GROUP_KEYS: tuple[str, ...] = ("top_k", "routing")
 
 _NUMERIC_FIELDS = (
     "n_experts",
@@ -92,6 +96,7 @@ _RUN_COLUMNS = (
     *REQUIRED_FIELDS[:2],
     "n_experts",
     "top_k",
+    "routing",
     "seed",
     "params",
     "flops_per_example",
@@ -202,13 +207,16 @@ def validate_summary(summary: Any) -> list[str]:
     return problems
 
 
-def group_label(model: Any, n_experts: Any = None, top_k: Any = None) -> str:
-    """Readable name of a group of repetitions, e.g. ``"moe K=2"``, ``"moe K=8 top-2"``, ``"cnn"``."""
+def group_label(model: Any, n_experts: Any = None, top_k: Any = None, routing: Any = None) -> str:
+    """Readable name of a group of repetitions, e.g. ``"moe K=2"``, ``"moe K=8 top-2"``, ``"cnn"``,
+    ``"moe K=4 top-1 gate_input=pooled"``."""
     parts = [str(model) if _present(model) else "?"]
     if _present(n_experts):
         parts.append(f"K={_fmt_int(n_experts)}")
     if _present(top_k):
         parts.append(f"top-{_fmt_int(top_k)}")
+    if _present(routing) and str(routing):
+        parts.append(str(routing))
     return " ".join(parts)
 
 
@@ -386,9 +394,14 @@ def load_runs(sweep_dir: str | Path) -> pd.DataFrame:
         runs[column] = numbers
     # Runs without a valid summary cannot be placed in a group (n_experts, top_k are unknown).
     runs["group"] = [
-        group_label(m, k, t) if status in RUN_STATUSES else None
-        for m, k, t, status in zip(
-            runs["model"], runs["n_experts"], runs["top_k"], runs["status"], strict=True
+        group_label(m, k, t, r) if status in RUN_STATUSES else None
+        for m, k, t, r, status in zip(
+            runs["model"],
+            runs["n_experts"],
+            runs["top_k"],
+            runs["routing"],
+            runs["status"],
+            strict=True,
         )
     ]
     extra = [c for c in runs.columns if c not in _RUN_COLUMNS]
@@ -396,10 +409,12 @@ def load_runs(sweep_dir: str | Path) -> pd.DataFrame:
 
 
 def group_keys(runs: pd.DataFrame) -> list[str]:
-    """The group-key columns for ``runs``: data, model, n_experts, plus top_k if any run sets it."""
+    """The group-key columns for ``runs``: data, model, n_experts, plus top_k and routing if any
+    run sets them."""
     keys = ["data", "model", "n_experts"]
-    if "top_k" in runs.columns and runs["top_k"].notna().any():
-        keys.append("top_k")
+    for key in _OPTIONAL_GROUP_KEYS:
+        if key in runs.columns and runs[key].notna().any():
+            keys.append(key)
     return keys
 
 
