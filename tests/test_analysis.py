@@ -519,7 +519,7 @@ def test_explicit_baseline_and_unknown_baseline(sweep: Path) -> None:
         raw_group_values(sweep, "mnist1d", "moe", 2, "test_acc"),
     )
     assert summary.loc[("mnist1d", "cnn"), "p_value"] == pytest.approx(ref["p_value"], rel=1e-7)
-    with pytest.raises(ValueError, match="baseline model 'mlp' has no completed run"):
+    with pytest.raises(ValueError, match="baseline 'mlp' has no completed run"):
         summarize(runs, baseline="mlp")
 
 

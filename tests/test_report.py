@@ -266,7 +266,7 @@ def test_writes_are_atomic_and_rebuild_replaces(sweep: Path) -> None:
     before = {
         name: (sweep / name).read_bytes() for name in ("summary.csv", "report.md", "curves.png")
     }
-    with pytest.raises(ValueError, match="baseline model 'mlp'"):
+    with pytest.raises(ValueError, match="baseline 'mlp'"):
         write_report(sweep, baseline="mlp")
     assert before == {name: (sweep / name).read_bytes() for name in before}  # nothing touched
 
@@ -357,7 +357,7 @@ def test_cli_failed_and_diverged_runs_are_results_not_errors(
     [
         ("missing_dir", r"error: sweep dir '.*/nope' does not exist"),
         ("empty_sweep", r"error: no runs found in sweep dir"),
-        ("unknown_baseline", r"error: baseline model 'mlp' has no completed run"),
+        ("unknown_baseline", r"error: baseline 'mlp' has no completed run"),
         ("all_failed", r"error: none of the 2 runs completed \(2 failed\); see .*report\.md"),
         (
             "only_killed",

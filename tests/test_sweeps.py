@@ -156,3 +156,7 @@ def test_routing_variants_of_one_k_are_separate_groups(tmp_path: Path) -> None:
     table = summarize(load_runs(tmp_path))
     assert sorted(table["group"]) == ["moe K=4", "moe K=4 gate_input=pooled"]
     assert sorted(table["n"]) == [2, 2]
+    by_label = summarize(load_runs(tmp_path), baseline="moe K=4").set_index("group")
+    assert bool(by_label.loc["moe K=4", "is_baseline"])
+    assert by_label.loc["moe K=4 gate_input=pooled", "baseline_group"] == "moe K=4"
+    assert by_label.loc["moe K=4 gate_input=pooled", "diff"] == pytest.approx(0.2)

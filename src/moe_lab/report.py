@@ -1,4 +1,4 @@
-"""``python -m moe_lab.report SWEEP_DIR [--baseline MODEL]`` (installed as ``moe-report``).
+"""``python -m moe_lab.report SWEEP_DIR [--baseline MODEL_OR_GROUP]`` (installed as ``moe-report``).
 
 Rebuilds ``summary.csv``, ``report.md`` and ``curves.png`` in a sweep dir and prints their paths.
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         metavar="MODEL",
         default=None,
-        help="model of the baseline group (default: cnn_matched if present in the data, else cnn)",
+        help="the baseline: a model name, or one group's label such as 'moe K=4' (default: cnn_matched if present in the data, else cnn)",
     )
     return parser
 

@@ -146,8 +146,9 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
 
     Args:
         runs: the table from :func:`~moe_lab.analysis.runs.load_runs`.
-        baseline: the model name of the baseline group; default ``cnn_matched`` where the data
-            has it, else ``cnn``. Groups are compared only with the baseline of the same data.
+        baseline: the baseline: a model name, or one group's label (e.g. ``"moe K=4"``, to
+            compare routing variants with the dense mixture); default ``cnn_matched`` where the
+            data has it, else ``cnn``. Groups are compared only with the baseline of the same data.
 
     Returns:
         Columns ``data, group, model, n_experts[, top_k]``, ``n`` (completed runs),
@@ -164,10 +165,14 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
     """
     keys = group_keys(runs)
     completed_all = runs[runs["status"] == "completed"]
-    if baseline is not None and not (completed_all["model"] == baseline).any():
+    if baseline is not None and not (
+        (completed_all["model"] == baseline).any() or (completed_all["group"] == baseline).any()
+    ):
         present = sorted(completed_all["model"].dropna().unique())
+        groups = sorted(completed_all["group"].dropna().unique())
         raise ValueError(
-            f"baseline model {baseline!r} has no completed run in this sweep; completed models: {present}"
+            f"baseline {baseline!r} has no completed run in this sweep; completed models: "
+            f"{present}, groups: {groups}"
         )
 
     rows = []
@@ -242,13 +247,16 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
         summary.loc[data_summary.index, "metric"] = metric
         wanted = [baseline] if baseline is not None else list(DEFAULT_BASELINES)
         with_runs = data_summary[data_summary["n"] > 0]
-        chosen = next((m for m in wanted if (with_runs["model"] == m).any()), None)
-        if chosen is None:
-            summary.loc[data_summary.index, "note"] = (
-                f"no baseline ({' or '.join(wanted)}) completed for this data"
-            )
-            continue
-        candidates = with_runs[with_runs["model"] == chosen]
+        if baseline is not None and (with_runs["group"] == baseline).any():
+            candidates = with_runs[with_runs["group"] == baseline]  # one group, by its label
+        else:
+            chosen = next((m for m in wanted if (with_runs["model"] == m).any()), None)
+            if chosen is None:
+                summary.loc[data_summary.index, "note"] = (
+                    f"no baseline ({' or '.join(wanted)}) completed for this data"
+                )
+                continue
+            candidates = with_runs[with_runs["model"] == chosen]
         summary.loc[candidates.index, "is_baseline"] = True
         for index, row in data_summary.iterrows():
             if index in candidates.index:
