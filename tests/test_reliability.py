@@ -52,14 +52,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
     tmp_path: Path, data_dir: Path
 ) -> None:
     reference, victim = tmp_path / "reference", tmp_path / "victim"
-    done = subprocess.run(
-        train_cli(reference, data_dir),
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_module(*train_cli(reference, data_dir)[2:], cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
 
     proc = subprocess.Popen(
@@ -84,13 +77,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
     assert rows_at_kill < 2, "the kill came too late to interrupt the run"
     assert not list(victim.rglob("*.tmp")), "a write was left half-done"
 
-    resumed = subprocess.run(
-        train_cli(victim, data_dir, f"resume={victim}"),
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    resumed = run_module(
+        *train_cli(victim, data_dir, f"resume={victim}")[2:], cwd=tmp_path, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
