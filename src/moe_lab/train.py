@@ -118,9 +118,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("matmul_precision"):
             torch.set_float32_matmul_precision(cfg.matmul_precision)
 
-        datamodule = instantiate(
-            cfg.data, _convert_="all"
-        )  # plain containers: checkpoints stay weights_only-loadable
+        # plain containers (not DictConfig) in hyperparameters keep checkpoints weights_only-loadable
+        datamodule = instantiate(cfg.data, _convert_="all")
         summary["data"] = datamodule.name
         net = instantiate(cfg.model, _convert_="all")(
             input_shape=datamodule.input_shape, num_classes=datamodule.num_classes
@@ -132,12 +131,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["width_multiplier"] = info.get("width_multiplier", 1.0)
         summary["match_target"] = info.get("match_target")
         summary["match"] = (getattr(net, "match_info", None) or {}).get("match")
-        if cfg.get("channels_last"):
-            net = (
-                net.to(memory_format=torch.channels_last)
-                if len(datamodule.input_shape) == 3
-                else net
-            )
+        memory_format = {3: torch.channels_last, 4: torch.channels_last_3d}.get(
+            len(datamodule.input_shape)
+        )
+        if cfg.get("channels_last") and memory_format is not None:  # 1D data has no such layout
+            net = net.to(memory_format=memory_format)
         if cfg.get("compile"):
             net.compile()
 
@@ -177,8 +175,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 summary["wandb_id"] = lg.experiment.id
 
         trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        _record_history(summary, lit)
-
+        # With a held-out validation split the test set is scored once, with the checkpoint that
+        # validation chose; without one (the seed's protocol) validation IS the test set.
         held_out = float(cfg.data.get("val_split", 0.0) or 0.0) > 0
         trainer.test(
             lit,

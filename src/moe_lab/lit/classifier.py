@@ -80,7 +80,7 @@ class Classifier(L.LightningModule):
         self.moe_layers: dict[str, MoEBase] = {
             name: m for name, m in model.named_modules() if isinstance(m, MoEBase)
         }
-        self._penalized = [m for m in self.moe_layers.values() if getattr(m, "has_penalties", True)]
+        self._penalized = [m for m in self.moe_layers.values() if m.has_penalties]
 
         def accuracy() -> MulticlassAccuracy:
             # validate_args=False: the argument checks read values back to the host every step
