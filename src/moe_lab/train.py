@@ -35,7 +35,7 @@ SUMMARY_FIELDS = (
     "experiment", "model", "data", "n_experts", "top_k", "routing", "seed", "params", "flops_per_example",
     "width_multiplier", "match", "match_target", "status", "error_type", "error_message", "diverged_at",
     "epochs", "max_epochs", "val_acc_last", "val_acc_best", "test_acc", "wall_time_s", "run_dir",
-    "overrides",
+    "overrides", "stage", "arm",
 )  # fmt: skip
 
 
@@ -98,6 +98,8 @@ def _initial_summary(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         epochs=0,
         run_dir=str(run_dir),
         overrides=_hydra_overrides(),
+        stage=cfg.get("stage"),
+        arm=cfg.get("arm"),
     )
     return summary
 
@@ -119,7 +121,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             torch.set_float32_matmul_precision(cfg.matmul_precision)
 
         # plain containers (not DictConfig) in hyperparameters keep checkpoints weights_only-loadable
-        datamodule = instantiate(cfg.data, _convert_="all")
+        with_test = bool(cfg.get("test", True))
+        datamodule = instantiate(cfg.data, _convert_="all", load_test=with_test)
         summary["data"] = datamodule.name
         net = instantiate(cfg.model, _convert_="all")(
             input_shape=datamodule.input_shape, num_classes=datamodule.num_classes
@@ -178,14 +181,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # With a held-out validation split the test set is scored once, with the checkpoint that
         # validation chose; without one (the seed's protocol) validation IS the test set.
         held_out = float(cfg.data.get("val_split", 0.0) or 0.0) > 0
-        trainer.test(
-            lit,
-            datamodule=datamodule,
-            ckpt_path="best" if held_out else None,
-            weights_only=True,
-            verbose=False,
-        )
-        summary["test_acc"] = lit.test_result.get("test_acc")
+        if with_test:
+            trainer.test(
+                lit,
+                datamodule=datamodule,
+                ckpt_path="best" if held_out else None,
+                weights_only=True,
+                verbose=False,
+            )
+            summary["test_acc"] = lit.test_result.get("test_acc")
         summary["status"] = "completed"
     except DivergedError as err:
         summary.update(status="diverged", error_type=type(err).__name__, error_message=str(err))
