@@ -127,7 +127,7 @@ def test_cifar_param_counts_are_the_seeds(kind, seed_count):
 
 
 def test_cifar_moe_second_conv_gating_weights():
-    model, facts = build_model("moe", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, n_experts=2)
+    model, _facts = build_model("moe", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, n_experts=2)
     assert model.features.block0_conv1.gating_kernel.numel() == 2_097_152  # SPEC 1.3
     assert model.features.block0_conv0.gating_kernel.numel() == 32 * 32 * 3 * 32 * 2  # SPEC 1.2
 
@@ -140,7 +140,7 @@ def test_cifar_moe_second_conv_gating_weights():
 def test_builds_forward_and_counts_in_1d_2d_3d(case, kind):
     shape, topology = CASES[case]
     torch.manual_seed(0)
-    model, facts = build_model(kind, shape, 7, topology, n_experts=3)
+    model, _facts = build_model(kind, shape, 7, topology, n_experts=3)
     assert trainable(model) == reference_params(kind, shape, 7, topology, n_experts=3)
     conv_moe = {1: Conv1dMoE, 2: Conv2dMoE, 3: Conv3dMoE}[len(shape) - 1]
     n_conv_moe = sum(isinstance(m, conv_moe) for m in model.modules())
@@ -158,7 +158,7 @@ def test_builds_forward_and_counts_in_1d_2d_3d(case, kind):
 
 
 def test_moe_twin_structure():
-    model, facts = build_model(
+    model, _facts = build_model(
         "moe", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY, n_experts=4, expert_activation="tanh"
     )
     # the MoE layers' expert activation replaces the ReLU; the head stays plain
@@ -180,7 +180,7 @@ def test_moe_twin_structure():
 
 
 def test_cnn_structure_follows_the_keras_seed():
-    model, facts = build_model("cnn", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY)
+    model, _facts = build_model("cnn", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY)
     kinds = [type(m).__name__ for m in model.features]
     block_layers = ["Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d", "Dropout"]
     assert kinds == block_layers * 2
@@ -224,7 +224,7 @@ def test_same_padding_is_keras_for_even_kernels(shape, kernel, pads):
         "blocks": [{"channels": [3], "kernel_size": kernel, "padding": "same"}],
         "dense_units": 4,
     }
-    model, facts = build_model("cnn", shape, 2, topology, init="torch")
+    model, _facts = build_model("cnn", shape, 2, topology, init="torch")
     conv = next(m for m in model.features if isinstance(m, (nn.Conv1d, nn.Conv2d)))
     x = torch.randn(2, *shape)
     conv_fn = F.conv1d if len(shape) == 2 else F.conv2d
@@ -290,7 +290,7 @@ def test_bad_arguments_raise_value_errors(kwargs, message):
 
 
 def test_forward_rejects_the_wrong_input_size():
-    model, facts = build_model("cnn", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY)
+    model, _facts = build_model("cnn", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY)
     with pytest.raises(ValueError, match=r"input_shape=\(1, 9, 9\)"):
         model(torch.zeros(2, 1, 9, 9))
 
@@ -317,7 +317,9 @@ def test_keras_init_is_glorot_uniform_with_zero_bias(path):
 
 def test_torch_init_keeps_pytorch_defaults():
     torch.manual_seed(0)
-    conv = build_model("cnn", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, init="torch").net.features.block1_conv1
+    conv = build_model(
+        "cnn", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, init="torch"
+    ).net.features.block1_conv1
     bound = 1 / math.sqrt(64 * 9)  # kaiming_uniform(a=sqrt(5)) and the bias both use 1/sqrt(fan_in)
     assert conv.weight.abs().max() <= bound
     assert conv.bias.abs().max() > 0
@@ -326,7 +328,9 @@ def test_torch_init_keeps_pytorch_defaults():
 
 def test_moe_layers_keep_their_own_init():
     torch.manual_seed(0)
-    layer = build_model("moe", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, init="keras").net.features.block1_conv1
+    layer = build_model(
+        "moe", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, init="keras"
+    ).net.features.block1_conv1
     # seed conv MoE init: expert_kernel ~ N(0, 1 / (C * k^2)) with C = 64, not Glorot
     assert layer.expert_kernel.std().item() == pytest.approx(1 / math.sqrt(64 * 9), rel=0.03)
 
@@ -353,7 +357,7 @@ def test_moe_layers_keep_their_own_init():
     ],
 )
 def test_count_flops_matches_the_formula_for_a_tiny_cnn(shape, topology, expected):
-    model, facts = build_model("cnn", shape, 3, topology)
+    model, _facts = build_model("cnn", shape, 3, topology)
     model.train()
     assert count_flops(model, shape) == expected
     assert model.training  # mode restored
@@ -364,7 +368,7 @@ def test_count_flops_of_a_tiny_moe_is_its_matmuls_and_convs():
     the final mixing (at most 2 * out * K per output position) may be counted on top."""
     shape, K = (1, 12), 2
     topology = {"blocks": [block([4, 5], pool=2)], "dense_units": 6}
-    model, facts = build_model("moe", shape, 3, topology, n_experts=K)
+    model, _facts = build_model("moe", shape, 3, topology, n_experts=K)
     convs = 2 * (12 * 4 * K * 1 * 3 + 10 * 5 * K * 4 * 3)
     gates = 2 * (1 * 12 * 4 * K + 4 * 12 * 5 * K + 25 * K)
     dense = 2 * (25 * 6 * K + 6 * 3)
@@ -373,7 +377,7 @@ def test_count_flops_of_a_tiny_moe_is_its_matmuls_and_convs():
 
 
 def test_count_flops_on_the_meta_device_equals_the_real_count():
-    real, real_facts = build_model("moe", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY)
+    real, _real_facts = build_model("moe", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY)
     with torch.device("meta"):
         meta = ConvNet(DIGITS_SHAPE, 10, DIGITS_TOPOLOGY, kind="moe")
     assert count_flops(meta, DIGITS_SHAPE) == count_flops(real, DIGITS_SHAPE)
@@ -401,7 +405,9 @@ def test_param_matching_within_one_percent(case, n_experts):
     assert facts.n_experts == n_experts
     assert all(isinstance(m, nn.Linear) for m in (model.classifier.dense, model.classifier.head))
     # the recorded multiplier rebuilds the same widths
-    rebuilt, rebuilt_facts = build_model("cnn", shape, 10, topology, width_multiplier=info.width_multiplier)
+    rebuilt, _rebuilt_facts = build_model(
+        "cnn", shape, 10, topology, width_multiplier=info.width_multiplier
+    )
     assert rebuilt.topology == model.topology
 
 
@@ -409,7 +415,7 @@ def test_param_matching_within_one_percent(case, n_experts):
 def test_param_matching_finds_the_closest_step(case):
     """No multiplier on a fine grid gets closer to the target than the one found."""
     shape, topology = CASES[case]
-    model, facts = build_model("cnn_matched", shape, 10, topology, n_experts=2)
+    _model, facts = build_model("cnn_matched", shape, 10, topology, n_experts=2)
     target = facts.match_target
     best_scan = min(
         abs(reference_params("cnn", shape, 10, topology, multiplier=i / 2000) - target)
@@ -420,7 +426,9 @@ def test_param_matching_finds_the_closest_step(case):
 
 def test_matching_follows_moe_kwargs():
     without_bias = {"use_gating_bias": False}
-    model, facts = build_model("cnn_matched", MNIST1D_SHAPE, 10, MNIST1D_TOPOLOGY, moe_kwargs=without_bias)
+    _model, facts = build_model(
+        "cnn_matched", MNIST1D_SHAPE, 10, MNIST1D_TOPOLOGY, moe_kwargs=without_bias
+    )
     target = reference_params("moe", MNIST1D_SHAPE, 10, MNIST1D_TOPOLOGY, gating_bias=False)
     assert facts.match_target == target
 
@@ -428,8 +436,10 @@ def test_matching_follows_moe_kwargs():
 @pytest.mark.parametrize(("case", "n_experts"), [("cifar", 2), ("mnist1d", 4), ("volume3d", 2)])
 def test_flop_matching_within_one_percent(case, n_experts):
     shape, topology = CASES[case]
-    model, facts = build_model("cnn_matched", shape, 10, topology, n_experts=n_experts, match="flops")
-    moe, moe_facts = build_model("moe", shape, 10, topology, n_experts=n_experts)
+    model, facts = build_model(
+        "cnn_matched", shape, 10, topology, n_experts=n_experts, match="flops"
+    )
+    moe, _moe_facts = build_model("moe", shape, 10, topology, n_experts=n_experts)
     info = facts
     assert info.match == "flops"
     assert info.match_target == count_flops(moe, shape)
@@ -475,7 +485,7 @@ def test_matched_build_draws_no_extra_random_numbers():
     torch.manual_seed(0)
     matched, matched_facts = build_model("cnn_matched", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY)
     torch.manual_seed(0)
-    plain, plain_facts = build_model(
+    plain, _plain_facts = build_model(
         "cnn", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY,
         width_multiplier=matched_facts.width_multiplier,
     )  # fmt: skip

@@ -62,10 +62,10 @@ def make(config_dir: Path, overrides: list[str]):
     ],
 )
 def test_model_configs_instantiate(config_dir, overrides, kind, name, n_experts):
-    cfg, model, facts = make(config_dir, overrides)
+    cfg, _model, facts = make(config_dir, overrides)
     info = facts
     assert (info.kind, info.name, info.n_experts) == (kind, name, n_experts)
-    direct, direct_facts = build_model(
+    _direct, direct_facts = build_model(
         kind, SHAPE, 10, TOPOLOGY, n_experts=n_experts or 2, match=cfg.model.get("match", "params")
     )
     assert info.params == direct_facts.params
