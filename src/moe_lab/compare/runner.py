@@ -80,6 +80,7 @@ _RESERVED = {
     "stage": "the comparison sets stage=tune|final",
     "arm": "the comparison sets arm=<arm name>",
     "test": "the comparison sets test=false for trials and test=true for final runs",
+    "trial": "the comparison numbers the trials",
 }
 # Settings that may differ on resume: they change how the comparison is run or reported, not what
 # it computes.
@@ -543,6 +544,7 @@ class Comparison:
             f"seed={job.seed}",
             f"stage={job.stage}",
             f"arm={job.arm}",
+            format_override("trial", job.trial_number if job.stage == "tune" else None),
             f"test={'true' if job.stage == 'final' else 'false'}",
             format_override("resume", str(job.run_dir) if job.resume else None),
             format_override("hydra.sweep.dir", str(self.dir)),
