@@ -4,7 +4,7 @@ distributions.
 A space is written in ``conf/hparams_search/<name>.yaml`` as nested keys (``optimizer: {lr: ...}``
 is the key ``optimizer.lr``) whose values use Hydra's sweep syntax:
 
-- ``interval(low, high)``: a float in [low, high] (an int when both ends are ints);
+- ``interval(low, high)``: a float in [low, high]; ``int(interval(low, high))``: an int;
 - ``tag(log, interval(low, high))``: the same on a log scale (low > 0);
 - ``choice(a, b, ...)`` (or ``a,b,...``): one of the values;
 - ``range(start, stop[, step])``: ints start, start + step, ... below stop.
