@@ -351,3 +351,38 @@ def test_killed_comparison_resumes_without_rerunning_or_double_counting(tmp_path
     assert json.loads((cut / "summary.json").read_text())["epochs"] == 3
     # 6 trials + 4 final runs, no other run dir
     assert len(list(comparison.glob("*/*/*/summary.json"))) == 10
+
+
+# ---------------------------------------------------------------------------- submitit
+@pytest.mark.slow
+def test_trials_run_as_submitit_jobs(tmp_path: Path) -> None:
+    """The SLURM path's launcher, with submitit's local executor: each trial and final run is a
+    submitit job (its own process), two at a time, sharing the study in study.db."""
+    args = [
+        "experiment=digits",
+        "compare.arms=[cnn]",
+        "compare.trials=2",
+        "compare.seeds=2",
+        "compare.batch_size=2",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1",
+        "logger=csv",
+        "hydra/launcher=submitit_local",
+        *_paths(tmp_path),
+    ]
+    proc = run_module("moe_lab.compare", *args, cwd=tmp_path, timeout=600, **_env(tmp_path))
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    comparison = _comparison_dir(tmp_path)
+    tune = _summaries(comparison, "tune", "cnn")
+    final = _summaries(comparison, "final", "cnn")
+    assert sorted(tune) == ["trial_000", "trial_001"] and sorted(final) == [
+        "seed_1000",
+        "seed_1001",
+    ]
+    assert all(s["status"] == "completed" for s in (*tune.values(), *final.values()))
+    assert [t.state.name for t in _trials(comparison, "cnn")] == ["COMPLETE", "COMPLETE"]
+    # submitit ran them: one job folder per run, each with the job's result pickle
+    results = list((comparison / ".submitit").glob("*/*_result.pkl"))
+    assert len(results) == 4, results

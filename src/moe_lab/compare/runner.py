@@ -529,7 +529,10 @@ class Comparison:
         if _is_int(workers) and workers < 0:  # joblib: -1 = all cores
             workers = max(1, (os.cpu_count() or 1) + 1 + workers)
         workers = workers if _is_int(workers) and workers > 0 else 1
-        return max(workers, len(self.arms))
+        # one trial per arm per worker: with arms of unequal speed (cnn_matched takes ~2.5x the
+        # cnn's time) a batch of one trial per arm leaves a worker idle while the slowest runs;
+        # two per arm on two workers pack them, and TPE still learns every two trials per arm
+        return workers * len(self.arms)
 
     # ------------------------------------------------------------------ running jobs
     def _relative(self, path: Path) -> str:
