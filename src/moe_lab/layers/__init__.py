@@ -4,7 +4,7 @@
 - :class:`Conv1dMoE`, :class:`Conv2dMoE`, :class:`Conv3dMoE`: each output filter mixes K
   convolution kernels, gated from the whole input volume (or its average-pooled channels).
 
-Every layer is the seed's dense (soft) mixture by default; ``top_k`` routes each sample (and
+Every layer is the original's dense (soft) mixture by default; ``top_k`` routes each sample (and
 filter) to its k best experts and computes only those, ``noisy_gating`` adds Shazeer et al.'s
 learned noise, and ``aux_losses()`` / ``routing_stats()`` read the last forward's routing
 (see :mod:`moe_lab.layers.routing`).

@@ -33,7 +33,7 @@ def _finite_float(value: object, what: str) -> float:
 # ---------------------------------------------------------------------------------------------
 
 # An activation receives the tensor and the index of its experts axis. Only softmax uses the axis:
-# as in the seed (Keras softmax over the last axis, which is the experts axis there) it normalises
+# as in the original (Keras softmax over the last axis, which is the experts axis there) it normalises
 # over experts; every other activation is elementwise.
 ExpertActivation = Callable[[Tensor, int], Tensor]
 
