@@ -110,7 +110,11 @@ class MoEBase(nn.Module):
         *_constraint: ``"max_norm"``, ``"non_neg"``, ``"unit_norm"``, ``"min_max_norm"``, a dict
             with ``name`` and Keras' arguments (``max_value``, ``min_value``, ``rate``, ``axis``),
             or a callable ``fn(weight) -> weight``; applied by :meth:`apply_constraints`. ``axis``
-            indexes our layout; the default is each kernel's fan-in axes and a bias's axis 0.
+            indexes our layout. The default: each kernel's fan-in axes (where the original's
+            Keras default ``axis=0`` would take the dense kernels' ``in`` axis, the same, but
+            only the first kernel-size axis of a conv kernel); axis 0 of a bias, except the conv
+            ``expert_bias``, constrained per element as in the original (whose bias is
+            ``(1, ..., 1, F, K)``, so axis 0 is a singleton axis).
         top_k: None (default) for the original's dense mixture, where every expert is computed and
             mixed. An int ``1 <= k <= n_experts`` keeps, per sample (and per filter for the conv
             layers), the k experts with the largest gate logits; only those are computed (for

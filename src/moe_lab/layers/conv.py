@@ -222,6 +222,10 @@ class _ConvNdMoE(MoEBase):
         if name == "gating_kernel":
             # (C, *input_size): the whole input volume; (C,) for pooled gates
             return tuple(range(self.gating_kernel.dim() - 2))
+        if name == "expert_bias":
+            # The original's bias is (1, ..., 1, F, K) and Keras' default axis 0 is a singleton
+            # axis there, so norm constraints act on each element on its own.
+            return ()
         return (0,)
 
     def _check_rank(self, x: Tensor) -> None:

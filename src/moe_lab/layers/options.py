@@ -174,6 +174,10 @@ _EPS = 1e-7  # Keras' K.epsilon()
 
 
 def _norms(w: Tensor, axis: tuple[int, ...]) -> Tensor:
+    """L2 norms over ``axis``; no axes means each element on its own (its absolute value), as
+    Keras' norm over a singleton axis (torch would read an empty ``dim`` as every axis)."""
+    if not axis:
+        return w.abs()
     return w.square().sum(dim=axis, keepdim=True).sqrt()
 
 
