@@ -23,7 +23,13 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from moe_lab.config import CONFIG_DIR, ConfigError, check_resume, validate_train_config
+from moe_lab.config import (
+    CONFIG_DIR,
+    ConfigError,
+    check_resume,
+    require_config_dir,
+    validate_train_config,
+)
 from moe_lab.lit import AtomicCheckpointIO, Classifier, DivergedError
 from moe_lab.models import count_flops
 from moe_lab.utils.io import atomic_write_json, atomic_write_text
@@ -215,7 +221,7 @@ def _record_history(summary: dict[str, Any], lit: Classifier) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     summary = train(cfg)
     if summary["status"] != "completed" and not _is_multirun():
         print(
@@ -225,6 +231,12 @@ def main(cfg: DictConfig) -> float | None:
         )
         sys.exit(1)
     return summary.get("val_acc_best")
+
+
+def main() -> None:
+    """Entry point of ``python -m moe_lab.train`` and ``moe-train``."""
+    require_config_dir("train")  # one line saying what to do, not Hydra's error, without configs
+    _hydra_main()
 
 
 __all__ = ["ConfigError", "main", "train"]
