@@ -74,6 +74,7 @@ def require_config_dir(config_name: str = "train") -> Path:
         raise SystemExit(2)
     return CONFIG_DIR
 
+
 # conf/hydra/launcher/{basic,joblib,submitit_slurm}.yaml deliberately carry the plugins' names, so
 # Hydra matches them against the plugins' schemas and says so on every run.
 warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema")

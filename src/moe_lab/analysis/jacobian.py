@@ -48,27 +48,6 @@ from moe_lab.layers import DenseMoE
 from moe_lab.layers.options import Activation, resolve_activation
 from moe_lab.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
-__all__ = [
-    "FIGURE_FILE",
-    "RECORD_FILE",
-    "SPECTRA_COLUMNS",
-    "SPECTRA_FILE",
-    "DenseBaseline",
-    "JacobianRecord",
-    "JacobianResult",
-    "JacobianSettings",
-    "ModelEntry",
-    "SpectrumStats",
-    "build_models",
-    "format_table",
-    "input_jacobians",
-    "run_experiment",
-    "sample_inputs",
-    "singular_values",
-    "summarize_spectra",
-    "write_outputs",
-]
-
 RECORD_FILE = "jacobian.json"
 SPECTRA_FILE = "spectra.csv"
 FIGURE_FILE = "spectra.png"

@@ -83,7 +83,8 @@ _NUMERIC_FIELDS = (
 # Files and dirs that mark a directory as a job dir (Hydra writes .hydra/ and <job>.log at job
 # start, so a job killed before its first epoch is still found).
 _RUN_MARKERS = ("summary.json", "metrics.csv", ".hydra", "checkpoints")
-_JACOBIAN_RECORD = "jacobian.json"  # moe_lab.analysis.jacobian.RECORD_FILE (that module needs torch)
+# moe_lab.analysis.jacobian.RECORD_FILE, spelled out: that module needs torch
+_JACOBIAN_RECORD = "jacobian.json"
 _GATE_COLUMN = re.compile(
     r"^gate/(?P<layer>.+)/(?:(?P<kind>importance|load)_(?P<expert>\d+)|entropy)$"
 )
