@@ -47,3 +47,19 @@ class SlowEpochs(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         time.sleep(self.seconds)
+
+
+class FailOnSeeds(Callback):
+    """Makes the run of seed ``fail`` fail and the run of seed ``diverge`` diverge, at the start
+    of training."""
+
+    def __init__(self, seed: int, fail: int = -1, diverge: int = -1) -> None:
+        self.seed, self.fail, self.diverge = seed, fail, diverge
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.seed == self.fail:
+            raise RuntimeError(f"made to fail (seed {self.seed})")
+        if self.seed == self.diverge:
+            from moe_lab.lit import DivergedError
+
+            raise DivergedError(epoch=0, step=0, value=float("nan"))

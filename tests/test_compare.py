@@ -279,7 +279,9 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float) -> None:
             return
         if proc.poll() is not None:
             out, err = proc.communicate()
-            pytest.fail(f"the comparison ended before the kill:\n{out[-3000:]}\n{err[-3000:]}")
+            pytest.fail(
+                f"the comparison ended before the kill:\n{(out or '')[-3000:]}\n{(err or '')[-3000:]}"
+            )
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     pytest.fail("the kill point never came")
@@ -386,3 +388,127 @@ def test_trials_run_as_submitit_jobs(tmp_path: Path) -> None:
     # submitit ran them: one job folder per run, each with the job's result pickle
     results = list((comparison / ".submitit").glob("*/*_result.pkl"))
     assert len(results) == 4, results
+
+
+def _kill_orphans(root: Path) -> None:
+    """End the joblib workers this test orphaned (found by the log path in their environment):
+    idle, they would linger for loky's timeout."""
+    marker = f"MOE_LAB_SPY_LOG={root / 'spy.jsonl'}".encode()
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc_dir / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc_dir.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
+def test_resume_waits_for_the_jobs_of_a_killed_comparison(tmp_path: Path) -> None:
+    """Killing only the comparison's process leaves joblib's workers running their trials; a
+    resume then must not start the same trials again beside them. It is refused until they end,
+    and then records what they wrote without running it again."""
+    import fcntl
+
+    root = tmp_path
+    args = [
+        "experiment=digits",
+        "compare.arms=[cnn]",
+        "compare.trials=2",
+        "compare.seeds=2",
+        "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1",
+        "+callbacks.slow._target_=compare_spy.SlowEpochs",
+        "+callbacks.slow.seconds=30",  # the orphaned trials outlast the refused resume's start
+        "logger=csv",
+        *_paths(root),
+    ]  # the preset's launcher: joblib, 2 workers
+    # files, not pipes: the orphaned workers keep the comparison's stdout and stderr open
+    with open(root / "first.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moe_lab.compare", *args],
+            cwd=root,
+            env=cli_env(**_env(root)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    out = root / "out" / "compare" / "digits"
+    try:
+        _wait_for(lambda: list(out.glob("*/tune/cnn/trial_00*/metrics.csv")), proc, timeout=300)
+        proc.kill()  # the comparison process only, not its workers
+        proc.wait()
+        comparison = _comparison_dir(root)
+        refused = run_module(
+            "moe_lab.compare", *args, f"resume={comparison}", cwd=root, **_env(root)
+        )
+        assert refused.returncode == 2
+        assert "are still running" in refused.stderr
+        # the orphaned workers finish their trials, then release the jobs lock
+        deadline = time.monotonic() + 300
+        with open(comparison / ".jobs.lock", "a+") as handle:
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the workers never finished"
+                    time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_orphans(root)
+    written = {p: p.read_text() for p in (comparison / "tune" / "cnn").glob("*/summary.json")}
+    assert written, "the orphaned workers wrote no summary"
+    resumed = run_module(
+        "moe_lab.compare", *args, f"resume={comparison}", cwd=root, timeout=600, **_env(root)
+    )
+    assert resumed.returncode == 0, f"{resumed.stdout[-3000:]}\n{resumed.stderr[-3000:]}"
+    assert sorted(_summaries(comparison, "tune", "cnn")) == ["trial_000", "trial_001"]
+    assert sorted(_summaries(comparison, "final", "cnn")) == ["seed_1000", "seed_1001"]
+    assert [t.state.name for t in _trials(comparison, "cnn")] == ["COMPLETE", "COMPLETE"]
+    for path, text in written.items():  # recorded as the workers left them, not run again
+        assert path.read_text() == text
+
+
+def test_failed_and_diverged_trials_use_up_the_budget(tmp_path: Path) -> None:
+    """Trial 1 fails and trial 2 diverges: both are told to Optuna as FAIL, never retried, listed
+    in the report, and score 0 in the expected-validation-performance curve."""
+    args = [
+        "experiment=digits",
+        "compare.arms=[cnn]",
+        "compare.trials=3",
+        "compare.seeds=2",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1",
+        "logger=csv",
+        "hydra/launcher=basic",
+        "+callbacks.fail._target_=compare_spy.FailOnSeeds",
+        "+callbacks.fail.seed=${seed}",
+        "+callbacks.fail.fail=1",
+        "+callbacks.fail.diverge=2",
+        *_paths(tmp_path),
+    ]
+    proc = run_module("moe_lab.compare", *args, cwd=tmp_path, timeout=600, **_env(tmp_path))
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    comparison = _comparison_dir(tmp_path)
+    tune = _summaries(comparison, "tune", "cnn")
+    assert [tune[f"trial_00{i}"]["status"] for i in range(3)] == ["completed", "failed", "diverged"]
+    trials = _trials(comparison, "cnn")
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL"]  # 3 trials, no retry
+    assert [t.user_attrs["status"] for t in trials] == ["completed", "failed", "diverged"]
+    # the best (only) completed trial goes to the final stage
+    final = _summaries(comparison, "final", "cnn")
+    assert sorted(final) == ["seed_1000", "seed_1001"]
+    assert all(s["status"] == "completed" for s in final.values())
+    summary = pd.read_csv(comparison / "summary.csv").set_index("arm")
+    assert summary.loc["cnn", "trials_completed"] == 1 and summary.loc["cnn", "trials_failed"] == 2
+    value = tune["trial_000"]["val_acc_best"]
+    assert summary.loc["cnn", "evp_n1"] == pytest.approx(value / 3)  # failures score 0
+    assert summary.loc["cnn", "evp_nN"] == pytest.approx(_expected_max([value, 0.0, 0.0], 3))
+    report = (comparison / "report.md").read_text()
+    assert "made to fail (seed 1)" in report and "the run diverged" in report

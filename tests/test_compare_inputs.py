@@ -212,3 +212,24 @@ def test_a_data_module_without_its_test_split(tmp_path: Path) -> None:
     assert torch.equal(full.split("val")[0], x_val)
     with pytest.raises(ValueError, match="needs a held-out validation split"):
         DigitsDataModule(tmp_path, val_split=0.0, load_test=False)
+
+
+def test_arms_beyond_a_model_and_the_recorded_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings_for(
+        [
+            *BASE,
+            '+compare.arm_overrides.moe_k4=["model=moe","experts=k4"]',
+            "compare.arms=[cnn,moe_k4]",
+            "hparams_search.optimizer.lr=tag(log, interval(1e-3, 1e-2))",
+        ],
+        tmp_path,
+        monkeypatch,
+    )
+    assert settings["arms"] == {"cnn": ["model=cnn"], "moe_k4": ["model=moe", "experts=k4"]}
+    assert settings["space"]["optimizer.lr"] == "tag(log, interval(1e-3, 1e-2))"
+    assert settings["tune_seeds"] == [0, 1] and settings["final_seeds"] == [1000, 1001]
+    assert not set(settings["tune_seeds"]) & set(settings["final_seeds"])
+    every_key = ["optimizer.lr", "optimizer.weight_decay", "data.topology.dense_dropout"]
+    assert settings["arm_keys"] == {"cnn": every_key, "moe_k4": every_key}

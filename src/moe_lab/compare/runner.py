@@ -27,6 +27,7 @@ leftovers are moved to ``.killed/``). Final runs are settled the same way.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import json
@@ -37,7 +38,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,11 @@ from .space import distribution_from_override, flatten_space, format_override, p
 
 __all__ = [
     "FINISHED_STATUSES",
+    "JOBS_LOCK",
     "MARKER",
     "STUDY_DB",
     "Comparison",
+    "hold_job_lock",
     "read_marker",
 ]
 
@@ -70,6 +73,8 @@ MARKER_KIND = "moe_lab.compare"
 #: Run outcomes that settle a run: it is never launched again.
 FINISHED_STATUSES = ("completed", "failed", "diverged")
 _PREFIX = "[moe_lab compare]"
+#: Held (shared) by every running job of a comparison; see Comparison._take_lock.
+JOBS_LOCK = ".jobs.lock"
 _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")
 
 # Keys the comparison sets itself for every job; a user override of them would break the design.
@@ -108,6 +113,21 @@ def read_marker(comparison_dir: str | Path) -> dict[str, Any]:
     if not (path / STUDY_DB).is_file():
         raise ConfigError(f"resume={comparison_dir}: {path / STUDY_DB} is missing")
     return record
+
+
+@contextlib.contextmanager
+def hold_job_lock(comparison_dir: str | Path) -> Iterator[None]:
+    """Hold the comparison's jobs lock (shared) while a trial or final run runs."""
+    path = Path(comparison_dir) / JOBS_LOCK
+    if not path.parent.is_dir():
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any] | None:
@@ -469,15 +489,33 @@ class Comparison:
         )
 
     def _take_lock(self) -> None:
+        """One comparison process per dir, and none while jobs of a killed one still run.
+
+        The comparison holds ``.compare.lock`` exclusively; every job holds ``JOBS_LOCK`` shared
+        while it runs (:func:`hold_job_lock`). Killing only the comparison's process leaves its
+        parallel workers running their jobs (joblib's workers outlive it); resuming then would
+        run the same trial twice in one dir, so it is refused until they have ended.
+        """
         handle = open(self.dir / ".compare.lock", "a+")  # noqa: SIM115  (held until exit)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.close()
             raise ConfigError(
-                f"{self.dir} is in use by another running comparison (or one of its jobs is "
-                "still running); wait for it to end, or stop it, before resuming"
+                f"{self.dir} is in use by another running comparison; wait for it to end, or "
+                "stop it, before resuming"
             ) from None
+        with open(self.dir / JOBS_LOCK, "a+") as jobs:
+            try:
+                fcntl.flock(jobs, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                raise ConfigError(
+                    f"jobs of the stopped comparison in {self.dir} are still running (its "
+                    "parallel workers outlive a killed comparison process); wait for them to end "
+                    "or stop them (e.g. kill its whole process group), then resume"
+                ) from None
+            fcntl.flock(jobs, fcntl.LOCK_UN)
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
