@@ -402,6 +402,7 @@ def _kill_orphans(root: Path) -> None:
             continue
 
 
+@pytest.mark.slow
 def test_resume_waits_for_the_jobs_of_a_killed_comparison(tmp_path: Path) -> None:
     """Killing only the comparison's process leaves joblib's workers running their trials; a
     resume then must not start the same trials again beside them. It is refused until they end,
