@@ -79,7 +79,7 @@ def test_topology_sizes_stay_positive(name, tmp_path):
     assert datamodule.topology["dense_units"] >= 1 and 0 <= datamodule.topology["dense_dropout"] < 1
 
 
-def test_cifar10_topology_is_the_seed_cnn(tmp_path):
+def test_cifar10_topology_is_the_convnet(tmp_path):
     """With the seed's layers (Keras Conv/Dense params), the topology gives SPEC 1.3's count."""
     topology = instantiate(load_config("cifar10", tmp_path).data).topology
     channels, params = 3, 0

@@ -1,4 +1,4 @@
-"""The seed's CIFAR CNN (Keras ``cifar10_cnn``) for 1D, 2D and 3D inputs, and its MoE twin."""
+"""The original's CIFAR CNN (Keras ``cifar10_cnn``) for 1D, 2D and 3D inputs, and its MoE twin."""
 
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ def check_moe_kwargs(moe_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     return kwargs
 
 
-class SeedCNN(nn.Module):
-    """The seed's CIFAR CNN topology (SPEC 1.3) for 1D/2D/3D inputs, plain or mixture-of-experts.
+class ConvNet(nn.Module):
+    """The CIFAR CNN of the original (Keras' cifar10_cnn example) for 1D/2D/3D inputs, plain or MoE.
 
     ``kind="cnn"``: per block ``[Conv, ReLU] * n, MaxPool, Dropout``; then ``Flatten,
     Linear(dense_units), ReLU, Dropout, Linear(num_classes)``.
@@ -89,11 +89,11 @@ class SeedCNN(nn.Module):
         kind: ``"cnn"`` or ``"moe"``.
         n_experts: experts per MoE layer (K), used by ``kind="moe"``.
         expert_activation, gating_activation: of every MoE layer (``"relu"``, ``"softmax"`` as in
-            the seed demo).
+            the original's demo).
         width_multiplier: scales every conv's channels and the hidden dense width (rounded half
             up, at least 1).
         init: ``"keras"`` (Glorot-uniform kernels, zero biases) or ``"torch"`` (PyTorch defaults)
-            for the plain convs and linears; MoE layers keep the seed's init.
+            for the plain convs and linears; MoE layers keep the original's init.
         moe_kwargs: extra keywords for every MoE layer (regularizers, constraints, routing...).
 
     Shape:
@@ -205,7 +205,7 @@ class SeedCNN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != self.ndim + 2 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
-                f"SeedCNN was built for inputs (B, {', '.join(map(str, self.input_shape))}), got "
+                f"ConvNet was built for inputs (B, {', '.join(map(str, self.input_shape))}), got "
                 f"shape {tuple(x.shape)}; build it with input_shape={tuple(x.shape[1:])}"
             )
         return self.classifier(self.features(x))
