@@ -62,7 +62,7 @@ def write_multirun_yaml(sweep: Path, task: list[str], params: dict[str, str] | N
                         "exclude_keys": ["experiment", "resume"],
                     }
                 },
-            },  # fmt: skip
+            },
             "runtime": {"cwd": str(sweep.parent)},
         },
         "seed": 0,
