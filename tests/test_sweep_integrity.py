@@ -281,7 +281,21 @@ def test_routing_presets_stay_groups_of_their_own_without_an_experts_label(tmp_p
                 sweep / f"{num}_{seed}", [f"experts={preset}", f"seed={seed}", "model=moe"],
                 model="moe", n_experts=4, seed=seed, accs=[0.5 + 0.01 * seed], top_k=top_k,
             )  # fmt: skip
-    summary = summarize(load_runs(sweep), baseline="moe K=4").set_index("group")
+    # killed attempts of two of these jobs, rerun since: they must not make `experts` a context
+    for preset in ("k4", "top2_of_4"):
+        killed = tmp_path / "sweep" / f"old_{preset}"
+        (killed / ".hydra").mkdir(parents=True)
+        (killed / ".hydra" / "overrides.yaml").write_text(
+            f"- experts={preset}\n- seed=0\n- model=moe\n"
+        )
+        (killed / "metrics.csv").write_text("epoch,val_acc\n0,0.3\n")
+        os.utime(killed / "metrics.csv", (0, 0))  # older than the reruns
+    runs = load_runs(sweep)
+    assert sorted(runs.loc[runs["status"] == "superseded", "run_name"]) == [
+        "old_k4",
+        "old_top2_of_4",
+    ]
+    summary = summarize(runs, baseline="moe K=4").set_index("group")
     assert sorted(summary.index) == ["moe K=4", "moe K=4 top-2"]
     assert summary.loc["moe K=4 top-2", "baseline_group"] == "moe K=4"
 

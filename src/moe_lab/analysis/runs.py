@@ -442,6 +442,7 @@ def _mark_superseded(rows: list[dict[str, Any]]) -> None:
             if i == winner:
                 continue
             was = rows[i]["status"]
+            rows[i]["_was"] = was
             rows[i]["status"] = SUPERSEDED
             rows[i]["superseded_by"] = rows[winner]["run_name"]
             rows[i]["detail"] = (
@@ -458,7 +459,9 @@ def _assign_groups(rows: list[dict[str, Any]]) -> None:
     disagree on it (an absent key counts as its own value). Keys that follow from those fields
     (e.g. ``experts=k2`` of a MoE with K=2) do not; the seed never does.
     """
-    placed = [row for row in rows if row["status"] in (*FINAL_STATUSES, SUPERSEDED)]
+    # runs with a valid record (superseded ones too, for their label): partial, missing and
+    # invalid rows have no trustworthy K, top-k or routing and would split groups spuriously
+    placed = [row for row in rows if row.get("_was", row["status"]) in FINAL_STATUSES]
     parsed = [
         {
             k: v
@@ -548,6 +551,7 @@ def load_runs(sweep_dir: str | Path) -> pd.DataFrame:
     _assign_groups(rows)
     for row in rows:
         row.pop("_mtime", None)
+        row.pop("_was", None)
         overrides = row.get("overrides")
         if isinstance(overrides, list):
             row["overrides"] = " ".join(str(item) for item in overrides)
