@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -109,7 +110,7 @@ def _draw_band(
     mean: np.ndarray,
     se: np.ndarray,
     label: str,
-    color: str | None = None,
+    color: Any = None,
 ) -> None:
     """A mean line with a ±SE band (no band where SE is undefined, n < 2)."""
     (line,) = axis.plot(x, mean, marker="o", markersize=3, label=label, color=color)
@@ -142,7 +143,10 @@ def plot_curves(
     if "status" in curves.columns:
         curves = curves[curves["status"] == "completed"]
     datasets = sorted(curves["data"].dropna().unique()) if len(curves) else []
-    figure, axes = _new_figure(1, max(1, len(datasets)), 6.5, 4.5)
+    n_groups = curves.groupby("data")["group"].nunique().max() if len(curves) else 0
+    # many groups (a swept grid): the legend goes beside each plot instead of over the curves
+    outside = bool(n_groups and n_groups > 6)
+    figure, axes = _new_figure(1, max(1, len(datasets)), 10.0 if outside else 6.5, 4.5)
     figure.suptitle(title or "Validation accuracy, mean ± SE over seeds", fontsize="medium")
     if not datasets:
         axis = axes[0, 0]
@@ -160,7 +164,14 @@ def plot_curves(
     percent = metric.endswith("acc")
     scale = 100.0 if percent else 1.0
     # One colour per group across all subplots, so "cnn" is the same colour for every data.
-    colors = {g: f"C{i % 10}" for i, g in enumerate(sorted(curves["group"].dropna().unique()))}
+    groups = sorted(curves["group"].dropna().unique())
+    if len(groups) <= 10:
+        colors = {g: f"C{i}" for i, g in enumerate(groups)}
+    else:  # a swept grid: 20 distinct colours before any repeats
+        from matplotlib import colormaps
+
+        palette = colormaps["tab20"].colors
+        colors = {g: palette[i % len(palette)] for i, g in enumerate(groups)}
     for axis, data in zip(axes[0], datasets, strict=False):
         data_curves = curves[curves["data"] == data]
         last_epoch = 1
@@ -188,7 +199,10 @@ def plot_curves(
         axis.set_xlim(0.5, last_epoch + 0.5)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         axis.grid(True, alpha=0.3)
-        axis.legend(loc="lower right", fontsize="small")
+        if outside:
+            axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="x-small")
+        else:
+            axis.legend(loc="lower right", fontsize="small")
     if path is not None:
         save_figure(figure, path)
     return figure
