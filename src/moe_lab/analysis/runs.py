@@ -77,6 +77,8 @@ _UNSET = "(default)"
 # start, so a job killed before its first epoch is still found).
 _RUN_MARKERS = frozenset((SUMMARY_FILE, METRICS_FILE, ".hydra", "checkpoints"))
 _NOT_JOBS = frozenset(("wandb", "checkpoints"))
+# moe_lab.analysis.jacobian.RECORD_FILE, spelled out: that module needs torch
+_JACOBIAN_RECORD = "jacobian.json"
 # metrics.csv columns a completed run must have for its curve
 _CURVE_COLUMNS = ("epoch", "val_acc")
 
@@ -134,6 +136,8 @@ def _scan(root: Path) -> tuple[list[Path], dict[Path, OSError], list[Path]]:
             unreadable[path] = err
             continue
         names = {entry.name for entry in entries}
+        if path != root and _JACOBIAN_RECORD in names:
+            continue  # a Jacobian-experiment run: it has .hydra/ and a log, but trained nothing
         if path != root and (names & _RUN_MARKERS or any(n.endswith(".log") for n in names)):
             found.append(path)  # a job dir's own sub-dirs are not searched
             continue
