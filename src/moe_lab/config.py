@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import moe_lab.utils.resolvers  # noqa: F401  (registers ${uid:} and friends before Hydra composes)
 
@@ -164,3 +166,38 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> str | None:
                 "repeat the original command's overrides together with resume="
             )
     return str(ckpt)
+
+
+def compose_config(
+    overrides: list[str] | None = None,
+    config_name: str = "train",
+    output_dir: str | os.PathLike[str] | None = None,
+) -> DictConfig:
+    """The config a command-line run with these overrides would get, composed through Hydra's
+    compose API outside any Hydra app (benchmark, notebooks, tests, the comparison driver).
+
+    ``${hydra:...}`` interpolations resolve as in a real run: the composed Hydra node is
+    installed as the current :class:`HydraConfig`, with ``output_dir`` (default: a fresh dir
+    under ``paths.log_dir``/composed) as the run's output dir.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
+        raise ConfigError(
+            f"config dir {CONFIG_DIR} has no {config_name}.yaml; set MOE_LAB_CONFIG_DIR"
+        )
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides or []), return_hydra_config=True)
+    if output_dir is None:
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+        output_dir = (
+            Path(cfg.paths.log_dir) / "composed" / f"{stamp}_{os.getpid():x}{secrets.token_hex(2)}"
+        )
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.name = config_name
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg

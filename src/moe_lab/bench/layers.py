@@ -131,7 +131,7 @@ def model_layer_cases(dataset: str) -> list[LayerCase]:
     its datamodule's input shape), in network order: convs, then the hidden dense."""
     input_shape, num_classes, topology = data_geometry(dataset)
     with torch.device("meta"):  # shapes only: no memory, no RNG draws
-        model = build_model("moe", input_shape, num_classes, topology)
+        model, _ = build_model("moe", input_shape, num_classes, topology)
     cases = []
     for position, layer in enumerate(model.moe_layers().values(), start=1):
         if isinstance(layer, DenseMoE):
