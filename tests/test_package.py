@@ -77,6 +77,14 @@ def test_config_dir_problems_say_what_to_do(
     assert problem.startswith(f"config dir {tmp_path / 'ok'} is not readable (Permission denied)")
 
 
+def test_compose_config_reports_the_same_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    with pytest.raises(config.ConfigError, match=r"has no train\.yaml; reinstall moe_lab"):
+        config.compose_config([])
+
+
 def test_bad_env_config_dir_is_one_line_before_hydra(tmp_path: Path) -> None:
     env = cli_env(**{CONFIG_DIR_ENV: str(tmp_path / "nowhere")})
     proc = subprocess.run(
