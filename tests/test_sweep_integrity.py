@@ -635,6 +635,7 @@ def test_real_sweep_over_learning_rates_reports_one_group_per_rate(
     assert "- Planned: 2 jobs in `multirun.yaml`; 0 never started." in report
 
 
+@pytest.mark.slow  # a real sweep, SIGKILLed, then two real jobs: ~1-2 min on 2 busy cores
 def test_killed_sweep_reports_missing_jobs_and_finish_completes_it(
     tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
