@@ -187,8 +187,8 @@ def run_lightning(ctx: Context) -> list[Row]:
     CSV logger, validation and checkpoints each epoch) and bare (nothing but training steps)."""
     variants = {"as train.py runs it": ["logger=csv"]}
     if not ctx.quick:
-        variants["bare"] = ["logger=none", "~callbacks", "trainer.limit_val_batches=0",
-                            "trainer.enable_checkpointing=false"]  # fmt: skip
+        variants["bare"] = ["logger=none", "~callbacks", "++trainer.limit_val_batches=0",
+                            "++trainer.enable_checkpointing=false"]  # fmt: skip
     return [_lightning_row(ctx, name, extra) for name, extra in variants.items()]
 
 
