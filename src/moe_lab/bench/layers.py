@@ -29,6 +29,7 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
+from moe_lab.config import compose_config
 from moe_lab.layers import Conv1dMoE, Conv2dMoE, Conv3dMoE, DenseMoE, MoEBase
 
 from .cli import Context
@@ -73,12 +74,10 @@ class Shape:
 def model_shapes(ctx: Context, dataset: str) -> list[Shape]:
     """The MoE layers of the ``moe`` model on ``data=<dataset>``, read from the composed config
     (the model built on the meta device: shapes only)."""
-    from ._shim import compose_config
-
     cfg = compose_config([f"data={dataset}", "model=moe"], output_dir=str(ctx.scratch))
     dm = instantiate(cfg.data)  # constructing derives the shapes; nothing is read
     with torch.device("meta"):
-        net = instantiate(cfg.model)(input_shape=dm.input_shape, num_classes=dm.num_classes)
+        net, _ = instantiate(cfg.module.net)(input_shape=dm.input_shape, num_classes=dm.num_classes)
     shapes = []
     for i, layer in enumerate(m for m in net.modules() if isinstance(m, MoEBase)):
         if isinstance(layer, DenseMoE):

@@ -7,7 +7,7 @@ line reaches the bench.
   same network, optimizer, schedule, loaders and precision, taken from the assembled parts;
   training steps, then (when the Trainer validates and checkpoints) a validation pass and one
   checkpoint write per epoch. Timed from the second epoch's start to the end of training.
-- **original**: the original's CIFAR-10 protocol (``experiment=seed_cifar10``) for moe and cnn on
+- **original**: the original's CIFAR-10 protocol (``experiment=original_cifar10``) for moe and cnn on
   CIFAR-shaped random images through the real loader path: measured training steps and
   validation batches, projected to the full run (16 epochs of 50k images, the 10k test set
   validated each epoch).
@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, open_dict
 
+from moe_lab.assembly import assemble_run
+from moe_lab.config import compose_config
 from moe_lab.data.vision import CIFAR10DataModule
 
-from ._shim import assemble_run, compose_config
 from .cli import Context
 from .measure import Clock, interleave
 from .report import Check, Row
@@ -101,7 +102,10 @@ def _quiet() -> Any:
 def compose(ctx: Context, overrides: list[str], run_dir: Path) -> DictConfig:
     """The training config for ``overrides`` then the command line's, writing into ``run_dir``."""
     device = ["trainer=gpu"] if ctx.device.type == "cuda" else ["trainer.accelerator=cpu"]
-    return compose_config([*device, *QUIET, *overrides, *ctx.overrides], output_dir=str(run_dir))
+    # the bench's thread count holds for every section, unless the command line says otherwise
+    threads = f"num_threads={torch.get_num_threads()}"
+    first = [*device, *QUIET, *overrides, threads]
+    return compose_config([*first, *ctx.overrides], output_dir=str(run_dir))
 
 
 def fit(ctx: Context, cfg: DictConfig, start: int) -> tuple[StepTimer, L.Trainer]:
@@ -228,7 +232,7 @@ def run_original(ctx: Context) -> list[Row]:
     skip, steps, val = (2, 3, 1) if ctx.quick else (3, 10, 2)
     cfgs, runs, epochs = {}, {}, 0
     for model in ("moe", "cnn"):
-        cfg = compose(ctx, ["experiment=seed_cifar10", f"model={model}", "logger=none",
+        cfg = compose(ctx, ["experiment=original_cifar10", f"model={model}", "logger=none",
                             "data._target_=moe_lab.bench.training.SyntheticCIFAR10"],
                       ctx.scratch / "original" / model)  # fmt: skip
         epochs = int(cfg.trainer.max_epochs)  # the protocol's, before the short fit's limits
