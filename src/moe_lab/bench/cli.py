@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,14 +47,14 @@ class Context:
 
     @property
     def warmup(self) -> int:
-        return 3 if self.device.type == "cuda" else (1 if self.quick else 2)
+        return 3 if self.device.type == "cuda" else 1
 
     @property
     def min_sample_s(self) -> float:
         return 0.01 if self.quick else 0.05
 
 
-def _runners() -> dict[str, Callable[[Context], list[Row]]]:
+def _runners() -> dict[str, Callable[[Context], Iterable[Row]]]:
     from .layers import run_layers, run_peers, run_routing  # imported late: Lightning is slow
     from .training import run_lightning, run_original
 

@@ -155,10 +155,9 @@ def _layer_plan(ctx: Context) -> Iterator[tuple[Shape, int]]:
         )
 
 
-def run_layers(ctx: Context) -> list[Row]:
+def run_layers(ctx: Context) -> Iterator[Row]:
     """Each layer of the original's networks (K=2, relu experts, softmax gates over the whole
     input) against its floor, its roofline and, for convs, the naive port of the original."""
-    rows = []
     k = 2
     for shape, batch in _layer_plan(ctx):
         torch.manual_seed(0)
@@ -186,8 +185,7 @@ def run_layers(ctx: Context) -> list[Row]:
         )
         if "naive port" in modules:
             row.ratio("× naive port", "moe_lab", "naive port", 1.0)
-        rows.append(row)
-    return rows
+        yield row
 
 
 def _condconv_row(ctx: Context, k: int, cin: int, cout: int, size: int, batch: int) -> Row:
@@ -225,24 +223,23 @@ def _dense_row(ctx: Context, top_k: int, cin: int, cout: int, batch: int) -> Row
     return row
 
 
-def run_peers(ctx: Context) -> list[Row]:
+def run_peers(ctx: Context) -> Iterator[Row]:
     """``Conv2dMoE(expert_backend="kernel_mix", gate_input="pooled")``, linear experts, against
     timm's CondConv2d with an external router; sparse ``DenseMoE(K=16)`` against the per-expert
     loop of Mixtral-style code and one ``nn.Linear`` of the same size."""
     batches = (8,) if ctx.quick else (32, 256)
-    rows = [
+    yield from (
         _condconv_row(ctx, k, cin, cout, size, batch)
         for k in ((4,) if ctx.quick else (4, 8))
         for cin, cout, size in ((32, 64, 16), (64, 64, 8))
         for batch in batches
-    ]
-    rows += [
+    )
+    yield from (
         _dense_row(ctx, top_k, cin, cout, batch)
         for top_k in ((1,) if ctx.quick else (1, 2))
         for cin, cout in ((512, 512),) + (() if ctx.quick else ((2304, 512),))
         for batch in ((8,) if ctx.quick else (32, 256, 1024))
-    ]
-    return rows
+    )
 
 
 def run_routing(ctx: Context) -> list[Row]:
