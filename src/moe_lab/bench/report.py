@@ -96,7 +96,7 @@ def render_markdown(report: dict[str, Any], rows: list[Row], titles: dict[str, s
         "",
         f"Measured in this run: copy bandwidth {m['copy_bandwidth_GBps']:.1f} GB/s (read + "
         f"written), float32 GEMM {m['gemm_GFLOPs']:.1f} GFLOP/s. Load average (1/5/15 min) "
-        f"{loads}. Every time is a median of interleaved repeats in this one process.",
+        f"{loads}. A time is the median over rounds, a ratio the median of the per-round ratios.",
     ]
     for section, title in titles.items():
         chosen = [r for r in rows if r.section == section]
