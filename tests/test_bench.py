@@ -250,6 +250,9 @@ def test_unusable_device_or_existing_out_dir_exit_2(
     (tmp_path / "taken").mkdir()
     assert main(["--only", "layers", "--out", str(tmp_path / "taken")]) == 2
     assert "already exists" in capsys.readouterr().err
+    bad = ["--only", "lightning", "trainer.no_such_key=1", "--out", str(tmp_path / "o")]
+    assert main(bad) == 2
+    assert "trainer.no_such_key" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_module_entry_point_help() -> None:

@@ -80,6 +80,13 @@ def resolve_device(name: str) -> torch.device:
 def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[Row]]:
     """Run the chosen sections; write bench.json and bench.md into ``args.out`` (a new dir)."""
     device = resolve_device(args.device)
+    if args.overrides and {"lightning", "original"} & set(args.only):
+        from moe_lab.config import compose_config
+
+        try:  # a bad override is refused here, before anything is measured
+            compose_config(list(args.overrides), output_dir=tempfile.gettempdir())
+        except Exception as err:
+            raise ValueError(f"config overrides {list(args.overrides)}: {err}") from None
     out = args.out or Path(
         "outputs", "bench", f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
     )
@@ -136,16 +143,13 @@ def _sections(text: str) -> list[str]:
     return parts
 
 
-def _repeats(text: str) -> int:
-    if not text.isdigit() or int(text) < 5:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 5 (a median of >= 5), got {text}")
-    return int(text)
+def _at_least(low: int, why: str = "") -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}{why}, got {text}")
+        return int(text)
 
-
-def _threads(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return int(text)
+    return parse
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -166,8 +170,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", type=_sections, default=list(SECTIONS), metavar="A,B")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and steps (tests)")
-    parser.add_argument("--threads", type=_threads, help="torch threads (default: torch's)")
-    parser.add_argument("--repeats", type=_repeats, help="repeats per figure (default 7, quick 5)")
+    parser.add_argument("--threads", type=_at_least(1), help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--repeats",
+        type=_at_least(5, " (a median of >= 5)"),
+        help="repeats per figure (default 7, quick 5)",
+    )
     return parser.parse_args(argv)
 
 
