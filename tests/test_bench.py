@@ -186,6 +186,7 @@ def test_lightning_runs_follow_a_trainer_override(tmp_path: Path, data_dir: Path
         and info["loggers"] == ["CSVLogger"]
     )
     assert {"ModelCheckpoint", "DivergenceMonitor"} <= set(info["callbacks"])
+    assert info["run_dir"].endswith("fit")  # its own run dir, not the plain loop's
     _check_row(row.to_json())
     assert (
         row.checks["throughput × plain"].op == ">="

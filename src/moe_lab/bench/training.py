@@ -26,7 +26,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from moe_lab.assembly import assemble_run
 from moe_lab.config import compose_config
@@ -105,7 +105,10 @@ def compose(ctx: Context, overrides: list[str], run_dir: Path) -> DictConfig:
     # the bench's thread count holds for every section, unless the command line says otherwise
     threads = f"num_threads={torch.get_num_threads()}"
     first = [*device, *QUIET, *overrides, threads]
-    return compose_config([*first, *ctx.overrides], output_dir=str(run_dir))
+    cfg = compose_config([*first, *ctx.overrides], output_dir=str(run_dir))
+    # ${hydra:...} resolves against the latest composed config: pin this run's values now
+    OmegaConf.resolve(cfg)
+    return cfg
 
 
 def fit(ctx: Context, cfg: DictConfig, start: int) -> tuple[StepTimer, L.Trainer]:
@@ -183,6 +186,7 @@ def _trainer_facts(trainer: L.Trainer, timer: StepTimer) -> dict[str, Any]:
         "checkpoint": trainer.checkpoint_callback is not None,
         "callbacks": sorted({type(c).__name__ for c in trainer.callbacks} - {"StepTimer"}),
         "loggers": [type(lg).__name__ for lg in trainer.loggers],
+        "run_dir": trainer.default_root_dir,
     }
 
 
