@@ -228,18 +228,22 @@ def test_summary_numbers_match_the_raw_runs(tiny) -> None:
     assert "Expected validation performance" in report
 
 
-def test_rebuilding_the_report(tiny, tmp_path: Path) -> None:
+def test_rebuilding_the_report(tiny, tmp_path: Path, capsys) -> None:
+    """``python -m moe_lab.compare.report DIR [--baseline ARM]`` (its main, in this process)."""
+    from moe_lab.compare.report import main as report_main
+
     _, comparison, _, _ = tiny
-    proc = run_module("moe_lab.compare.report", str(comparison), "--baseline", "moe", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert report_main([str(comparison), "--baseline", "moe"]) == 0
     summary = pd.read_csv(comparison / "summary.csv").set_index("arm")
-    assert summary.loc["moe", "is_baseline"]
-    proc = run_module("moe_lab.compare.report", str(comparison), "--baseline", "nope", cwd=tmp_path)
-    assert proc.returncode == 2 and "not one of the arms" in proc.stderr
-    proc = run_module("moe_lab.compare.report", str(tmp_path), cwd=tmp_path)
-    assert proc.returncode == 2 and "not a comparison dir" in proc.stderr
+    assert summary.loc["moe", "is_baseline"] and not summary.loc["cnn", "is_baseline"]
+    assert "cnn vs moe K=2 at an equal budget" in (comparison / "report.md").read_text()
+    assert report_main([str(comparison), "--baseline", "nope"]) == 2
+    assert "not one of the arms" in capsys.readouterr().err
+    assert report_main([str(tmp_path)]) == 2
+    assert "not a comparison dir" in capsys.readouterr().err
     # leave the module's report as the comparison wrote it
-    assert run_module("moe_lab.compare.report", str(comparison), cwd=tmp_path).returncode == 0
+    assert report_main([str(comparison)]) == 0
+    assert "Wall time of the comparison: " in (comparison / "report.md").read_text()
 
 
 def test_resuming_a_finished_comparison_runs_nothing(tiny) -> None:

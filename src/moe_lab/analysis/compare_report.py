@@ -21,6 +21,7 @@ that yields no usable model) and is listed; it never enters the final statistics
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -44,6 +45,7 @@ __all__ = [
     "COMPARE_FILES",
     "FAILED_TRIAL_SCORE",
     "MARKER",
+    "SESSIONS",
     "STUDY_DB",
     "CompareReport",
     "load_comparison",
@@ -54,6 +56,8 @@ __all__ = [
 MARKER = "comparison.json"
 #: Optuna's SQLite storage in the comparison dir, one study per arm (study name = arm name).
 STUDY_DB = "study.db"
+#: One JSON line per session of the comparison process (its wall time; resumes add lines).
+SESSIONS = "sessions.jsonl"
 #: The score a failed or diverged trial enters the expected-validation-performance curve with.
 FAILED_TRIAL_SCORE = 0.0
 #: What the report writes in the comparison dir.
@@ -147,7 +151,19 @@ def load_comparison(comparison_dir: str | Path) -> dict[str, Any]:
     for column in ("stage", "arm"):
         if column not in runs.columns:
             runs[column] = None
-    return {"dir": path, "record": record, "trials": trials, "runs": runs, "arms": arms}
+    sessions = []
+    if (path / SESSIONS).is_file():
+        for line in (path / SESSIONS).read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                sessions.append(json.loads(line))
+    return {
+        "dir": path,
+        "record": record,
+        "trials": trials,
+        "runs": runs,
+        "arms": arms,
+        "sessions": sessions,
+    }
 
 
 # ---------------------------------------------------------------------- formatting
@@ -474,6 +490,16 @@ def _space_table(settings: dict[str, Any]) -> str:
     return _table(["config key", "range", "arms"], rows)
 
 
+def _sessions_text(sessions: list[dict[str, Any]]) -> str:
+    if not sessions:
+        return "not recorded (the comparison has not finished a session)"
+    total = sum(float(s.get("wall_time_s") or 0) for s in sessions)
+    text = _fmt_duration(total)
+    if len(sessions) > 1:
+        text += f" over {len(sessions)} sessions (resumed)"
+    return text + ", set-up and report excluded"
+
+
 def render_compare_report(
     data: dict[str, Any],
     summary: pd.DataFrame,
@@ -501,6 +527,7 @@ def render_compare_report(
         f"({', '.join(map(str, settings['final_seeds']))}; no tuning seed among them), each "
         "scoring the test set once.",
         f"- Baseline: `{base}`.",
+        f"- Wall time of the comparison: {_sessions_text(data.get('sessions', []))}.",
         "",
         "## Search space",
         "",

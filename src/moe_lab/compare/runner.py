@@ -53,7 +53,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 
-from moe_lab.analysis.compare_report import MARKER, STUDY_DB
+from moe_lab.analysis.compare_report import MARKER, SESSIONS, STUDY_DB
 from moe_lab.config import ConfigError, validate_train_config
 from moe_lab.utils.io import atomic_write_json, atomic_write_text
 
@@ -87,9 +87,17 @@ _RESERVED = {
     "test": "the comparison sets test=false for trials and test=true for final runs",
     "trial": "the comparison numbers the trials",
 }
-# Settings that may differ on resume: they change how the comparison is run or reported, not what
-# it computes.
-_RESUME_FREE_PREFIXES = ("compare.baseline", "compare.batch_size", "resume")
+# Settings that may differ on resume: they change where and how the comparison runs or how it is
+# reported, not what it computes.
+_RESUME_FREE_PREFIXES = (
+    "compare.baseline",
+    "compare.batch_size",
+    "compare.dir",
+    "resume",
+    "paths.",
+    "logger",
+    "hydra.",
+)
 
 
 def read_marker(comparison_dir: str | Path) -> dict[str, Any]:
@@ -225,11 +233,20 @@ class Comparison:
         except ConfigError as err:
             print(f"moe_lab.compare: error: {err}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), dt.datetime.now().isoformat(timespec="seconds")
         studies = self._studies()
         self._tune(studies)
         finals = self._final(studies)
-        _say(f"done in {time.perf_counter() - started:.1f} s; comparison dir: {self.dir}")
+        wall = time.perf_counter() - started
+        # one line per session (a resumed comparison has several): the report sums them
+        with open(self.dir / SESSIONS, "a", encoding="utf-8") as handle:
+            session = {
+                "started": started_at,
+                "wall_time_s": round(wall, 1),
+                "resumed": resume is not None,
+            }
+            handle.write(json.dumps(session) + "\n")
+        _say(f"done in {wall:.1f} s; comparison dir: {self.dir}")
         return {"dir": str(self.dir), "final_runs": finals}
 
     # ------------------------------------------------------------------ checks
@@ -623,11 +640,13 @@ class Comparison:
     def _outcome(self, job: Job, ret: JobReturn) -> Outcome:
         summary: dict[str, Any] | None = None
         error: str | None = None
-        if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, dict):
-            summary = ret.return_value
-        elif ret.status == JobStatus.FAILED:
-            err = ret._return_value
+        try:
+            value = ret.return_value  # re-raises what the job raised
+        except Exception as err:
             error = f"{type(err).__name__}: {err}"
+        else:
+            if ret.status == JobStatus.COMPLETED and isinstance(value, dict):
+                summary = value
         summary = summary or _read_summary(job.run_dir)
         return self._outcome_of_summary(summary, error)
 
