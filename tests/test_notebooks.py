@@ -2,7 +2,7 @@
 
 Add a notebook by appending its file name to ``NOTEBOOKS``, and to ``SELF_CONTAINED`` when it needs
 no input and no test of its own: ``layers_tour.ipynb`` and ``explore_results.ipynb`` (which needs a
-sweep) are run by the tests below, which also check what they compute.
+sweep and a comparison) are run by the tests below, which also check what they compute.
 """
 
 from __future__ import annotations
