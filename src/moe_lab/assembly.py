@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig
 
 from moe_lab.lit import AtomicCheckpointIO, Classifier
@@ -68,6 +69,10 @@ def assemble_run(cfg: DictConfig, **trainer_overrides: Any) -> RunParts:
     module, facts = build_module(cfg, datamodule)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    # a configured progress bar only where the trainer shows one (Lightning refuses both)
+    show_bar = trainer_overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar"))
+    if show_bar is False:
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         logger=loggers or False,
