@@ -74,6 +74,8 @@ def test_eval_refuses_a_checkpoint_outside_a_run_dir(tmp_path: Path, data_dir: P
     ckpt = tmp_path / "loose" / "model.ckpt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"")
-    proc = run_module("moe_lab.eval", f"ckpt_path={ckpt}", f"paths.root_dir={tmp_path}", cwd=tmp_path)
+    proc = run_module(
+        "moe_lab.eval", f"ckpt_path={ckpt}", f"paths.root_dir={tmp_path}", cwd=tmp_path
+    )
     assert proc.returncode == 2 and "no .hydra/config.yaml" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr

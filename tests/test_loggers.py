@@ -4,16 +4,15 @@ MLflow's client, and W&B's protobuf records; hyperparameters and the final run r
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from conftest import compose_train
 from moe_lab.lit.loggers import PREFIX, record_fields
 from moe_lab.train import train
+from wandb_log import wandb_key as _key
+from wandb_log import wandb_records
 
 TINY = [
     "data=mnist1d",
@@ -111,43 +110,6 @@ def test_mlflow_params_metrics_and_record(logged_run: tuple[Path, dict]) -> None
     tags = run.data.tags
     assert tags[PREFIX + "status"] == "completed" and tags[PREFIX + "model"] == "moe"
     assert tags["model"] == "moe" and tags["seed"] == "0"
-
-
-# -- W&B: the offline run's transaction log (.wandb), records decoded with wandb's own protobuf
-# schema. The log is LevelDB's log format: 32 KiB blocks of chunks, each with a 7-byte header
-# (CRC-32 of type + data, length, type); a 7-byte file header (":W&B", magic 0xBEE1, version).
-_BLOCK, _HEADER = 32 * 1024, 7
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def wandb_records(path: Path) -> list[Any]:
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    ident, magic, version = struct.unpack("<4sHB", data[:_HEADER])
-    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), (ident, magic, version)
-    records, pending, pos = [], b"", _HEADER
-    while pos + _HEADER <= len(data):
-        left_in_block = _BLOCK - pos % _BLOCK
-        if left_in_block < _HEADER:  # block trailer: zero padding
-            pos += left_in_block
-            continue
-        checksum, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
-        chunk = data[pos + _HEADER : pos + _HEADER + length]
-        if kind == 0 and length == 0:  # preallocated, unwritten tail
-            break
-        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == checksum
-        pos += _HEADER + length
-        pending = chunk if kind in (_FULL, _FIRST) else pending + chunk
-        if kind in (_FULL, _LAST):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-    return records
-
-
-def _key(item: Any) -> str:
-    return item.key or "/".join(item.nested_key)
 
 
 def test_wandb_records_hold_config_history_and_final_record(logged_run: tuple[Path, dict]) -> None:
