@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from moe_lab.layers import ACTIVATION_NAMES, Conv1dMoE, Conv2dMoE, DenseMoE
+from moe_lab.layers import ACTIVATION_NAMES, Conv1dMoE, Conv2dMoE, Conv3dMoE, DenseMoE
 
 KERAS_EPS = 1e-7
 
@@ -238,7 +238,8 @@ DEFAULT_AXES = {
     ("dense", "gating_bias"): (0,),
     ("conv", "expert_kernel"): (1, 2, 3),  # (out*K, C, kh, kw): C, kh, kw
     ("conv", "gating_kernel"): (0, 1, 2),  # (C, H, W, out, K): the whole input volume
-    ("conv", "expert_bias"): (0,),
+    # (out, K): each element on its own, as the original's (1, ..., 1, F, K) bias with axis 0
+    ("conv", "expert_bias"): (),
     ("conv", "gating_bias"): (0,),
 }
 
@@ -279,6 +280,18 @@ def test_norm_constraints_default_axes(kind: str, case: str, param: str) -> None
     torch.testing.assert_close(getattr(layer, param).detach(), expected, rtol=1e-12, atol=1e-12)
     for other in set(PARAMS) - {param}:
         assert torch.equal(getattr(layer, other), before[other])
+
+
+@pytest.mark.parametrize("cls", [Conv1dMoE, Conv2dMoE, Conv3dMoE])
+def test_conv_expert_bias_max_norm_acts_per_element_as_the_original(cls) -> None:
+    """The original's conv expert_bias is (1, ..., 1, F, K): Keras' default axis 0 is a
+    singleton axis there, so max_norm clips each element on its own (not over the F filters)."""
+    layer = cls(2, 3, 2, 1, (4,) * cls.ndim, expert_bias_constraint="max_norm").double()
+    with torch.no_grad():
+        layer.expert_bias.copy_(torch.tensor([[3.0, 0.5], [1.0, -4.0], [0.2, 1.0]]))
+    layer.apply_constraints()
+    expected = torch.tensor([[2.0, 0.5], [1.0, -2.0], [0.2, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(layer.expert_bias.detach(), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["dense", "conv"])

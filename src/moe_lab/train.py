@@ -26,7 +26,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_lab import console
 from moe_lab.assembly import RunParts, assemble_run
-from moe_lab.config import CONFIG_DIR, ConfigError, check_resume, validate_train_config
+from moe_lab.config import (
+    CONFIG_DIR,
+    ConfigError,
+    check_resume,
+    require_config_dir,
+    validate_train_config,
+)
 from moe_lab.layers import MoEBase
 from moe_lab.lit import DivergedError
 from moe_lab.lit.loggers import log_final_record
@@ -234,7 +240,7 @@ def _record_history(summary: RunSummary, history: list[dict[str, float]]) -> Non
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     summary = train(cfg)
     if summary["status"] != "completed" and not _is_multirun():
         print(
@@ -244,6 +250,12 @@ def main(cfg: DictConfig) -> float | None:
         )
         sys.exit(1)
     return summary.get("val_acc_best")
+
+
+def main() -> None:
+    """Entry point of ``python -m moe_lab.train`` and ``moe-train``."""
+    require_config_dir("train")  # one line saying what to do, not Hydra's error, without configs
+    _hydra_main()
 
 
 __all__ = ["ConfigError", "main", "train"]

@@ -1,13 +1,15 @@
-"""What the dense and convolutional MoE layers share: the seed's keywords, the gate, the penalties,
+"""What the dense and convolutional MoE layers share: the original's keywords, the gate, the penalties,
 the constraints and the expert-usage statistics of the last forward."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import routing
@@ -27,6 +29,48 @@ from .routing import EXPERT_BACKENDS, GATE_INPUTS, RoutingRecord
 PARAM_NAMES = ("expert_kernel", "gating_kernel", "expert_bias", "gating_bias")
 
 
+#: The original Keras layers' keyword names and the torch-style keyword that replaces each.
+ORIGINAL_KEYWORDS: dict[str, str] = {
+    "n_filters": "out_channels",
+    "n_experts_per_filter": "n_experts",
+    "units": "out_features",
+    "strides": "stride",
+    "dilation_rate": "dilation",
+    "input_dim": "in_features / in_channels",
+    "input_shape": "input_size (spatial only; channels are in_channels)",
+    "rank": "the class: Conv1dMoE, Conv2dMoE or Conv3dMoE",
+}
+
+_Init = TypeVar("_Init", bound=Callable[..., None])
+
+
+def rejects_original_keywords(init: _Init) -> _Init:
+    """Wrap a layer's ``__init__`` so that a keyword of the original Keras layers raises a
+    TypeError naming the torch-style keyword to use, instead of Python's bare "unexpected keyword
+    argument". ``help()`` and ``inspect.signature`` still show ``init``'s signature."""
+
+    @functools.wraps(init)
+    def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        used = [name for name in kwargs if name in ORIGINAL_KEYWORDS]
+        if used:
+            renames = "; ".join(f"{name!r} -> {ORIGINAL_KEYWORDS[name]}" for name in used)
+            raise TypeError(
+                f"{type(self).__name__} takes torch-style keywords, not the original Keras "
+                f"layer's: {renames} (to port trained weights, see "
+                "moe_lab.layers.load_keras_weights)"
+            )
+        init(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def moe_options(scope: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword-only options of :class:`MoEBase` picked by name from ``scope`` (a subclass's
+    ``locals()``): the subclasses spell every option out in their own signatures, so that
+    ``help()`` and IDEs show them, and forward them here by name, so the lists cannot drift."""
+    return {name: scope[name] for name in _MOE_OPTION_NAMES}
+
+
 def check_positive_int(value: object, argname: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{argname} must be a positive integer, got {value!r}")
@@ -44,7 +88,7 @@ def check_scale(value: object, argname: str) -> float:
 
 
 class MoEBase(nn.Module):
-    """Holds the keywords of the seed's layers (everything after ``n_experts``) and the machinery
+    """Holds the keywords of the original's layers (everything after ``n_experts``) and the machinery
     built on them. Subclasses create the two kernels, call ``_finish_init`` and implement
     ``forward`` and ``reset_parameters``.
 
@@ -55,8 +99,8 @@ class MoEBase(nn.Module):
             ``"softmax"`` normalises over the experts axis; ``"hard_sigmoid"`` is Keras'
             ``clip(0.2 x + 0.5, 0, 1)``.
         use_expert_bias, use_gating_bias: create ``expert_bias`` / ``gating_bias`` (else None).
-        expert_kernel_initializer_scale, gating_kernel_initializer_scale: ``s_e``, ``s_g`` of the
-            seed's kernel init (see the subclasses' ``reset_parameters``); >= 0.
+        expert_kernel_initializer_scale, gating_kernel_initializer_scale: ``s_e``, ``s_g`` of
+            the original's kernel init (see the subclasses' ``reset_parameters``); >= 0.
         expert_bias_initializer, gating_bias_initializer: a number, ``"zeros"``, ``"ones"``,
             ``"constant"``, ``"random_uniform"``, ``"random_normal"`` (Keras defaults), a dict
             with ``name`` and arguments, or a callable that fills the tensor in place.
@@ -66,8 +110,12 @@ class MoEBase(nn.Module):
         *_constraint: ``"max_norm"``, ``"non_neg"``, ``"unit_norm"``, ``"min_max_norm"``, a dict
             with ``name`` and Keras' arguments (``max_value``, ``min_value``, ``rate``, ``axis``),
             or a callable ``fn(weight) -> weight``; applied by :meth:`apply_constraints`. ``axis``
-            indexes our layout; the default is each kernel's fan-in axes and a bias's axis 0.
-        top_k: None (default) for the seed's dense mixture, where every expert is computed and
+            indexes our layout. The default: each kernel's fan-in axes (where the original's
+            Keras default ``axis=0`` would take the dense kernels' ``in`` axis, the same, but
+            only the first kernel-size axis of a conv kernel); axis 0 of a bias, except the conv
+            ``expert_bias``, constrained per element as in the original (whose bias is
+            ``(1, ..., 1, F, K)``, so axis 0 is a singleton axis).
+        top_k: None (default) for the original's dense mixture, where every expert is computed and
             mixed. An int ``1 <= k <= n_experts`` keeps, per sample (and per filter for the conv
             layers), the k experts with the largest gate logits; only those are computed (for
             ``k < n_experts``: the experts' work grows with k, not K). The kept gates are the
@@ -83,7 +131,7 @@ class MoEBase(nn.Module):
             initialised to zero: every logit starts with noise std ``softplus(0) + 0.01 = 0.70``,
             and the layer learns where to raise or lower it (the load loss rewards noise that
             balances the experts).
-        gate_input: ``"full"`` (default; the seed's gate, a dense map from the whole input) or
+        gate_input: ``"full"`` (default; the original's gate, a dense map from the whole input) or
             ``"pooled"`` (conv layers: from the globally average-pooled channels, independent of
             the input's resolution). The dense layer has no spatial axes: both mean its input.
         expert_backend: ``"auto"`` (default), ``"channels"`` or ``"kernel_mix"``; how the conv
@@ -91,6 +139,9 @@ class MoEBase(nn.Module):
             ``"kernel_mix"`` is exact only for linear experts and needs ``expert_activation``
             None/``"linear"``. The dense layer accepts (and validates) it so that one set of
             keywords configures a whole network, and always computes its experts as matmuls.
+
+        device, dtype: where and in which dtype the parameters are created (as ``nn.Linear``'s
+            factory keywords); default: torch's default device and dtype.
 
     Regularizers and constraints given for a disabled bias are ignored (as in Keras, where the
     weight does not exist).
@@ -133,8 +184,12 @@ class MoEBase(nn.Module):
         noisy_gating: bool = False,
         gate_input: str = "full",
         expert_backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        # as nn.Linear's factory keywords: where and in which dtype the parameters are created
+        self._factory: dict[str, object] = {"device": device, "dtype": dtype}
         self.n_experts = check_positive_int(n_experts, "n_experts")
         self.top_k = _check_top_k(top_k, self.n_experts)
         if self.top_k is not None and gating_activation is None:
@@ -145,7 +200,7 @@ class MoEBase(nn.Module):
             raise ValueError(
                 f"top_k={self.top_k} needs softmax gates (the kept logits are normalised by a "
                 f"softmax), got gating_activation={self.gating_activation.name!r}; use "
-                "gating_activation='softmax' or None, or top_k=None for the seed's dense mixture"
+                "gating_activation='softmax' or None, or top_k=None for the original's dense mixture"
             )
         if self.is_sparse and self.expert_activation.is_softmax:
             raise ValueError(
@@ -236,7 +291,8 @@ class MoEBase(nn.Module):
             ("expert_bias", expert_bias_shape, self.use_expert_bias),
             ("gating_bias", gating_bias_shape, self.use_gating_bias),
         ):
-            self.register_parameter(name, nn.Parameter(torch.empty(shape)) if used else None)
+            param = nn.Parameter(torch.empty(shape, **self._factory)) if used else None
+            self.register_parameter(name, param)
         noise = nn.Parameter(torch.empty_like(self.gating_kernel)) if self.noisy_gating else None
         self.register_parameter("noise_kernel", noise)
         for name, param in self.named_moe_parameters():
@@ -287,34 +343,24 @@ class MoEBase(nn.Module):
 
     def _route(self, features: Tensor, mix_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
         """Gate features ``(N, F)`` -> gates ``(N, G, k)`` and the kept experts ``(N, G, k)``
-        (None when every expert is kept, in order: a dense mixture or ``top_k == n_experts``).
+        (None when every expert is kept, in order), by :func:`~moe_lab.layers.routing.route`.
 
         ``F`` is the gating kernel's leading size (``in_features``; ``C * prod(input_size)`` for
-        full conv gates; ``C`` for pooled ones) and ``G * K`` its trailing one. Logits, noise and
-        softmax run in float32 (float64 for float64 layers) with autocast off; the gates come
-        back in that dtype. Records the routing (see the class docstring).
+        full conv gates; ``C`` for pooled ones) and ``G * K`` its trailing one. The gates come
+        back in float32 (float64 for float64 layers). Records the routing (see the class
+        docstring).
         """
-        dtype = self._gate_dtype(features)
-        n, k = features.shape[0], self.n_experts
-        with routing.autocast_off(features.device.type):
-            features = features.to(dtype)
-            kernel = self.gating_kernel.reshape(features.shape[1], -1).to(dtype)
-            bias = None if self.gating_bias is None else self.gating_bias.reshape(-1).to(dtype)
-            logits = _affine(features, kernel, bias).view(n, kernel.shape[1] // k, k)
-            noise_std = None
-            routed = logits
-            if self.noisy_gating and self.training:
-                noise_kernel = self.noise_kernel.reshape(kernel.shape).to(dtype)
-                noise_std = F.softplus(features @ noise_kernel).view_as(logits)
-                noise_std = noise_std + routing.NOISE_EPSILON
-                routed = logits + torch.randn_like(logits) * noise_std
-            index = None
-            if self.top_k is None:
-                gates = self.gating_activation(routed, -1)
-            elif self.top_k == k:
-                gates = torch.softmax(routed, dim=-1)
-            else:
-                gates, index = routing.select_top_k(routed, self.top_k)
+        noisy = self.noisy_gating and self.training
+        logits, routed, noise_std, gates, index = routing.route(
+            features,
+            self.gating_kernel,
+            self.gating_bias,
+            self.noise_kernel if noisy else None,
+            n_experts=self.n_experts,
+            top_k=self.top_k,
+            gating_activation=self.gating_activation,
+            dtype=self._gate_dtype(features),
+        )
         if routing.in_functorch_transform(logits):
             self._routing = None
         else:
@@ -465,11 +511,11 @@ def _scalar_penalty(value: object, argname: str) -> Tensor:
 
 
 _GATE_INPUT_HELP = (
-    "'full' (the seed's gate, from the whole input volume) or 'pooled' (from the globally "
+    "'full' (the original's gate, from the whole input volume) or 'pooled' (from the globally "
     "average-pooled channels)"
 )
 _BACKEND_HELP = (
-    "'auto' (pick the faster exact one), 'channels' (the seed's: every kept expert's output, "
+    "'auto' (pick the faster exact one), 'channels' (the original's: every kept expert's output, "
     "then mix) or 'kernel_mix' (mix the kernels, then one convolution; linear experts only)"
 )
 
@@ -497,3 +543,10 @@ def _affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if bias is None:
         return x @ weight
     return torch.addmm(bias.reshape(-1), x, weight)
+
+
+_MOE_OPTION_NAMES: tuple[str, ...] = tuple(
+    name
+    for name, param in inspect.signature(MoEBase.__init__).parameters.items()
+    if param.kind is inspect.Parameter.KEYWORD_ONLY
+)

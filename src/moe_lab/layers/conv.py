@@ -1,20 +1,21 @@
-"""Convolutional mixtures of experts in 1D, 2D and 3D (the seed's ``Conv{1,2,3}DMoE``)."""
+"""Convolutional mixtures of experts in 1D, 2D and 3D (the original's ``Conv{1,2,3}DMoE``)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import routing
-from .base import MoEBase, check_positive_int
+from . import dispatch, routing
+from .base import MoEBase, check_positive_int, moe_options, rejects_original_keywords
+from .options import ActivationSpec, ConstraintSpec, InitializerSpec, RegularizerSpec
 from .padding import PaddingSpec, as_tuple, check_padding, output_size, pad_amounts
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+DATA_FORMATS: tuple[str, ...] = ("channels_first", "channels_last")
 
 
 #: ``expert_backend="auto"`` picks ``kernel_mix`` (when exact) only for outputs of at least this
@@ -33,7 +34,7 @@ class _ConvNdMoE(MoEBase):
         z[b, f, k] = \sum_{c, s} x[b, c, s] V[c, s, f, k] + d[f, k]
 
     The gate of a filter is one number per sample and expert, shared by every output position.
-    With ``gate_input="full"`` (the seed's) it is a dense map from the whole input volume, which
+    With ``gate_input="full"`` (the original's) it is a dense map from the whole input volume, which
     ties the layer to one ``input_size``; with ``gate_input="pooled"`` it reads the globally
     average-pooled channels (``z[b, f, k] = sum_c mean_s(x[b, c, s]) V[c, f, k] + d[f, k]``),
     which works at any resolution, so ``input_size`` may be None.
@@ -43,7 +44,7 @@ class _ConvNdMoE(MoEBase):
 
     How the experts are computed (``expert_backend``):
 
-    - ``"channels"``: the seed's. Dense gates: ONE convolution with ``out_channels * n_experts``
+    - ``"channels"``: the original's. Dense gates: ONE convolution with ``out_channels * n_experts``
       output channels (channel ``f * K + k`` is expert k of filter f), activation, mix. Top-k:
       each sample's kept kernels are gathered and run as ONE grouped convolution (the batch
       folded into channels, ``groups=B``, ``B * out * k`` output channels), then activation, mix.
@@ -61,8 +62,8 @@ class _ConvNdMoE(MoEBase):
 
     Args:
         in_channels: input channels C.
-        out_channels: output filters (the seed's ``n_filters``).
-        n_experts: experts per filter K (the seed's ``n_experts_per_filter``).
+        out_channels: output filters (the original's ``n_filters``).
+        n_experts: experts per filter K (the original's ``n_experts_per_filter``).
         kernel_size, stride, dilation: int or one int per spatial dim.
         input_size: the spatial size of the input (no channels), one int per spatial dim.
             Required with ``gate_input="full"``; optional with ``"pooled"`` (then padding and
@@ -70,12 +71,17 @@ class _ConvNdMoE(MoEBase):
             ``input_size`` only fixes ``output_size``: other sizes are accepted).
         padding: ``"valid"``, ``"same"``, ``"causal"`` (1D only) with Keras' output lengths, or
             ints (symmetric zero padding, as ``nn.Conv``).
-        **kwargs: the seed's keywords and the routing ones (``top_k``, ``noisy_gating``,
-            ``gate_input``, ``expert_backend``; see :class:`~moe_lab.layers.base.MoEBase`).
+        data_format: ``"channels_first"`` (default): inputs ``(B, C, *S)`` and outputs
+            ``(B, out, *S')``; ``"channels_last"``: inputs ``(B, *S, C)`` and outputs
+            ``(B, *S', out)``, as the original's default (the weights keep one layout).
+        expert_activation, gating_activation, ...: the original's keywords, the routing ones
+            (``top_k``, ``noisy_gating``, ``gate_input``, ``expert_backend``) and ``device`` /
+            ``dtype``; all keyword-only, described in :class:`~moe_lab.layers.base.MoEBase`.
 
     Shape:
-        input ``(B, C, *input_size)`` (channels first; channels_last memory format works) ->
-        output ``(B, out_channels, *output_size)``.
+        input ``(B, C, *input_size)`` (channels_last memory format works too) -> output
+        ``(B, out_channels, *output_size)``; with ``data_format="channels_last"``
+        ``(B, *input_size, C) -> (B, *output_size, out_channels)``.
 
     Parameters:
         ``expert_kernel (out*K, C, *kernel_size)``, ``gating_kernel (C, *input_size, out, K)``
@@ -85,6 +91,7 @@ class _ConvNdMoE(MoEBase):
 
     ndim: int
 
+    @rejects_original_keywords
     def __init__(
         self,
         in_channels: int,
@@ -96,9 +103,39 @@ class _ConvNdMoE(MoEBase):
         stride: int | Sequence[int] = 1,
         padding: PaddingSpec = "valid",
         dilation: int | Sequence[int] = 1,
-        **kwargs: Any,
+        data_format: str = "channels_first",
+        expert_activation: ActivationSpec = None,
+        gating_activation: ActivationSpec = None,
+        use_expert_bias: bool = True,
+        use_gating_bias: bool = True,
+        expert_kernel_initializer_scale: float = 1.0,
+        gating_kernel_initializer_scale: float = 1.0,
+        expert_bias_initializer: InitializerSpec = "zeros",
+        gating_bias_initializer: InitializerSpec = "zeros",
+        expert_kernel_regularizer: RegularizerSpec = None,
+        gating_kernel_regularizer: RegularizerSpec = None,
+        expert_bias_regularizer: RegularizerSpec = None,
+        gating_bias_regularizer: RegularizerSpec = None,
+        expert_kernel_constraint: ConstraintSpec = None,
+        gating_kernel_constraint: ConstraintSpec = None,
+        expert_bias_constraint: ConstraintSpec = None,
+        gating_bias_constraint: ConstraintSpec = None,
+        activity_regularizer: RegularizerSpec = None,
+        top_k: int | None = None,
+        noisy_gating: bool = False,
+        gate_input: str = "full",
+        expert_backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(n_experts, **kwargs)
+        super().__init__(n_experts, **moe_options(locals()))
+        if data_format not in DATA_FORMATS:
+            raise ValueError(
+                f"data_format must be 'channels_first' (inputs (B, C, *S), the default) or "
+                f"'channels_last' (inputs (B, *S, C), as the original's default), got "
+                f"{data_format!r}"
+            )
+        self.data_format = data_format
         d = self.ndim
         self.in_channels = check_positive_int(in_channels, "in_channels")
         self.out_channels = check_positive_int(out_channels, "out_channels")
@@ -121,9 +158,11 @@ class _ConvNdMoE(MoEBase):
             self._pads, self.output_size = self._geometry(self.input_size)
 
         k, out = self.n_experts, self.out_channels
-        self.expert_kernel = nn.Parameter(torch.empty(out * k, in_channels, *self.kernel_size))
+        self.expert_kernel = nn.Parameter(
+            torch.empty(out * k, in_channels, *self.kernel_size, **self._factory)
+        )
         gate_in = (in_channels,) if self.gate_input == "pooled" else (in_channels, *self.input_size)
-        self.gating_kernel = nn.Parameter(torch.empty(*gate_in, out, k))
+        self.gating_kernel = nn.Parameter(torch.empty(*gate_in, out, k, **self._factory))
         self._finish_init(expert_bias_shape=(out, k), gating_bias_shape=(out, k))
 
     def _geometry(
@@ -145,7 +184,7 @@ class _ConvNdMoE(MoEBase):
         return pads, size
 
     def reset_parameters(self) -> None:
-        """The seed's init: normal kernels, std ``s / sqrt(fan_in)``, with the gate's fan-in the
+        """The original's init: normal kernels, std ``s / sqrt(fan_in)``, with the gate's fan-in the
         whole input volume (the C pooled channels for ``gate_input="pooled"``). Biases from their
         initializers; the noise kernel zero."""
         fan_expert = self.in_channels * math.prod(self.kernel_size)
@@ -183,16 +222,28 @@ class _ConvNdMoE(MoEBase):
         if name == "gating_kernel":
             # (C, *input_size): the whole input volume; (C,) for pooled gates
             return tuple(range(self.gating_kernel.dim() - 2))
+        if name == "expert_bias":
+            # The original's bias is (1, ..., 1, F, K) and Keras' default axis 0 is a singleton
+            # axis there, so norm constraints act on each element on its own.
+            return ()
         return (0,)
+
+    def _check_rank(self, x: Tensor) -> None:
+        if x.dim() != self.ndim + 2:
+            spatial = tuple(map(str, self.input_size or ("*",) * self.ndim))
+            dims = (
+                (*spatial, str(self.in_channels))
+                if self.data_format == "channels_last"
+                else (str(self.in_channels), *spatial)
+            )
+            raise ValueError(
+                f"{type(self).__name__} expected a {self.ndim + 2}D input (B, {', '.join(dims)}), "
+                f"got shape {tuple(x.shape)}"
+            )
 
     def _check_input(self, x: Tensor) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
         """Validate ``x``; return the padding and output size for its spatial size."""
-        expected = (self.in_channels, *(self.input_size or ("*",) * self.ndim))
-        if x.dim() != self.ndim + 2:
-            raise ValueError(
-                f"{type(self).__name__} expected a {self.ndim + 2}D input (B, {', '.join(map(str, expected))}), "
-                f"got shape {tuple(x.shape)}"
-            )
+        self._check_rank(x)
         if x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__} expected {self.in_channels} input channels (dim 1, channels "
@@ -228,7 +279,25 @@ class _ConvNdMoE(MoEBase):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, in_channels, *input_size) -> (B, out_channels, *output_size)``; a channels_last
-        input gives a channels_last output, as nn.Conv does."""
+        input gives a channels_last output, as nn.Conv does. With
+        ``data_format="channels_last"``: ``(B, *input_size, C) -> (B, *output_size, out)``."""
+        if self.data_format == "channels_last":
+            self._check_rank(x)
+            if x.shape[-1] != self.in_channels:
+                raise ValueError(
+                    f"{type(self).__name__} (data_format='channels_last') expected "
+                    f"{self.in_channels} input channels in the last dim, got {x.shape[-1]} in "
+                    f"shape {tuple(x.shape)}"
+                )
+            # a view: (B, C, *S) in channels_last memory format, which the channels-first path
+            # keeps, so moving the channels back is a view too (1D: a strided view)
+            y = self._forward_channels_first(x.movedim(-1, 1)).movedim(1, -1)
+        else:
+            y = self._forward_channels_first(x)
+        self._record_activity(y)
+        return y
+
+    def _forward_channels_first(self, x: Tensor) -> Tensor:
         pads, out_size = self._check_input(x)
         batch = x.shape[0]
         if self.gate_input == "pooled":
@@ -239,18 +308,17 @@ class _ConvNdMoE(MoEBase):
         backend = self.expert_backend_for(out_size, dense_gates=index is None)
         if batch == 0 or routing.in_functorch_transform(x, gates, self.expert_kernel):
             # Grouped convolutions need a batch, and data-dependent gathers cannot be vmapped:
-            # the seed's path with the gates of the experts not kept set to zero (same values).
-            y = self._mix_all(x, pads, routing.dense_gates(gates, index, self.n_experts))
-        elif index is None and backend == "channels":
-            y = self._mix_all(x, pads, gates)
+            # the original's path with the gates of the experts not kept set to zero (same
+            # values).
+            return self._mix_all(x, pads, routing.dense_gates(gates, index, self.n_experts))
+        if index is None and backend == "channels":
+            return self._mix_all(x, pads, gates)
+        if backend == "kernel_mix":
+            y = self._kernel_mix(x, pads, gates, index)
         else:
-            if backend == "kernel_mix":
-                y = self._kernel_mix(x, pads, gates, index)
-            else:
-                y = self._mix_kept(x, pads, gates, index)
-            if _is_channels_last(x):  # the grouped convolution's output is plain contiguous
-                y = y.contiguous(memory_format=_channels_last_format(y))
-        self._record_activity(y)
+            y = self._mix_kept(x, pads, gates, index)
+        if _is_channels_last(x):  # the grouped convolution's output is plain contiguous
+            y = y.contiguous(memory_format=_channels_last_format(y))
         return y
 
     # -- expert paths ------------------------------------------------------------------------
@@ -273,7 +341,7 @@ class _ConvNdMoE(MoEBase):
         return _CONV[self.ndim](x, weight, bias, self.stride, padding, self.dilation, groups)
 
     def _mix_all(self, x: Tensor, pads: tuple[tuple[int, int], ...], gates: Tensor) -> Tensor:
-        """The seed's path: every expert as ONE convolution, then the weighted sum with
+        """The original's path: every expert as ONE convolution, then the weighted sum with
         ``gates (B, out, K)``."""
         batch, k, out = x.shape[0], self.n_experts, self.out_channels
         bias = None if self.expert_bias is None else self.expert_bias.reshape(-1)
@@ -290,35 +358,19 @@ class _ConvNdMoE(MoEBase):
         hidden = self.expert_activation(hidden, 2)
         return (hidden * gates.view(batch, out, k, *([1] * self.ndim))).sum(2)
 
-    def _kept_rows(self, index: Tensor) -> Tensor:
-        """Kept experts ``(B, out, k)`` -> rows of ``expert_kernel`` ``(B * out * k,)``: expert
-        ``index[b, f, j]`` of filter f is row ``f * K + index[b, f, j]``."""
-        first = torch.arange(self.out_channels, device=index.device) * self.n_experts
-        return (index + first.view(1, -1, 1)).reshape(-1)
-
-    def _grouped_conv(
-        self,
-        x: Tensor,
-        pads: tuple[tuple[int, int], ...],
-        weight: Tensor,
-        bias: Tensor | None,
-    ) -> Tensor:
-        """A different set of kernels per sample: ``weight (B * n, C, *ks)`` (sample-major) ->
-        ``(B, n, *S')``, as ONE convolution of the batch folded into channels, ``groups=B``."""
-        batch = x.shape[0]
-        folded = x.reshape(1, batch * self.in_channels, *x.shape[2:])
-        y = self._conv(folded, weight, bias, pads, groups=batch)  # (1, B*n, *S')
-        return y.view(batch, -1, *y.shape[2:])
+    def _grouped(self, pads: tuple[tuple[int, int], ...]):
+        """The layer's convolution as :func:`~moe_lab.layers.dispatch.grouped_conv` takes it."""
+        return lambda x, weight, bias, groups: self._conv(x, weight, bias, pads, groups)
 
     def _mix_kept(
         self, x: Tensor, pads: tuple[tuple[int, int], ...], gates: Tensor, index: Tensor
     ) -> Tensor:
         """Top-k, ``channels`` backend: run each sample's k kept kernels per filter, then mix."""
         batch, out, k = x.shape[0], self.out_channels, index.shape[-1]
-        rows = self._kept_rows(index)
+        rows = dispatch.kept_rows(index, self.n_experts)
         weight = self.expert_kernel.index_select(0, rows)  # (B*out*k, C, *ks)
         bias = None if self.expert_bias is None else self.expert_bias.reshape(-1)[rows]
-        hidden = self._grouped_conv(x, pads, weight, bias)  # (B, out*k, *S')
+        hidden = dispatch.grouped_conv(self._grouped(pads), x, weight, bias)  # (B, out*k, *S')
         hidden = self.expert_activation(hidden.unflatten(1, (out, k)), 2)  # elementwise
         gates = gates.to(hidden.dtype).view(batch, out, k, *([1] * self.ndim))
         if k == 1:
@@ -335,21 +387,9 @@ class _ConvNdMoE(MoEBase):
         """CondConv: each sample's kernel per filter is the gate-weighted sum of its experts'
         (all K for dense gates, the kept k for top-k), and so is its bias; then ONE grouped
         convolution. Exact for linear experts only (checked at construction / by ``auto``)."""
-        batch, out, k = x.shape[0], self.out_channels, gates.shape[-1]
-        gates = gates.to(self.expert_kernel.dtype)  # (B, out, k)
-        if index is None:
-            kernels = self.expert_kernel.reshape(out, k, -1)  # (out, K, C*prod(ks))
-            mixed = torch.einsum("bfk,fkw->bfw", gates, kernels)
-            bias = None if self.expert_bias is None else (gates * self.expert_bias).sum(-1)
-        else:
-            rows = self._kept_rows(index)
-            kernels = self.expert_kernel.index_select(0, rows).view(batch, out, k, -1)
-            mixed = torch.einsum("bfk,bfkw->bfw", gates, kernels)
-            bias = None
-            if self.expert_bias is not None:
-                bias = (gates * self.expert_bias.reshape(-1)[rows].view(batch, out, k)).sum(-1)
-        weight = mixed.reshape(batch * out, self.in_channels, *self.kernel_size)
-        return self._grouped_conv(x, pads, weight, None if bias is None else bias.reshape(-1))
+        rows = None if index is None else dispatch.kept_rows(index, self.n_experts)
+        weight, bias = dispatch.mix_kernels(gates, self.expert_kernel, self.expert_bias, rows)
+        return dispatch.grouped_conv(self._grouped(pads), x, weight, bias)
 
     def extra_repr(self) -> str:
         parts = [
@@ -366,6 +406,8 @@ class _ConvNdMoE(MoEBase):
             parts.append(f"gate_input={self.gate_input!r}")
         if self.expert_backend != "auto":
             parts.append(f"expert_backend={self.expert_backend!r}")
+        if self.data_format != "channels_first":
+            parts.append(f"data_format={self.data_format!r}")
         return ", ".join(parts) + ", " + self._moe_repr()
 
 

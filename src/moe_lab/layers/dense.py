@@ -1,15 +1,15 @@
-"""Dense mixture of experts (the seed's ``DenseMoE``), dense or top-k routed."""
+"""Dense mixture of experts (the original's ``DenseMoE``), dense or top-k routed."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import routing
-from .base import MoEBase, _affine, check_positive_int
+from . import dispatch, routing
+from .base import MoEBase, _affine, check_positive_int, moe_options, rejects_original_keywords
+from .options import ActivationSpec, ConstraintSpec, InitializerSpec, RegularizerSpec
 
 
 class DenseMoE(MoEBase):
@@ -17,24 +17,24 @@ class DenseMoE(MoEBase):
 
     .. math:: y = \sum_k g(v_k^\top x + b_k)\, f(W_k x + c_k)
 
-    By default (``top_k=None``) every expert is computed and mixed (the seed's soft mixture).
+    By default (``top_k=None``) every expert is computed and mixed (the original's soft mixture).
     With ``top_k=k < n_experts`` each row keeps its k largest gate logits and only those experts
     are computed: the rows are sorted by expert and each expert multiplies its contiguous slice
-    (one GEMM per expert; see :func:`~moe_lab.layers.routing.grouped_linear`), so the experts'
+    (one GEMM per expert; see :func:`~moe_lab.layers.dispatch.grouped_linear`), so the experts'
     work is ``N * k * in * out`` whatever K is.
 
     Args:
         in_features: size of the last input dimension.
-        out_features: size of the last output dimension (the seed's ``units``).
+        out_features: size of the last output dimension (the original's ``units``).
         n_experts: number of experts K.
-        **kwargs: the seed's keywords and the routing ones (``top_k``, ``noisy_gating``,
-            ``gate_input``, ``expert_backend``; see :class:`~moe_lab.layers.base.MoEBase`), e.g.
-            ``expert_activation="relu"``, ``gating_activation="softmax"``.
+        expert_activation, gating_activation, ...: the original's keywords, the routing ones
+            (``top_k``, ``noisy_gating``, ``gate_input``, ``expert_backend``) and ``device`` /
+            ``dtype``; all keyword-only, described in :class:`~moe_lab.layers.base.MoEBase`.
 
     Shape:
         input ``(*, in_features)`` -> output ``(*, out_features)``; any number of leading dims.
 
-    Parameters (the seed's names and layouts):
+    Parameters (the original's names and layouts):
         ``expert_kernel (in, out, K)``, ``gating_kernel (in, K)``,
         ``expert_bias (out, K)`` or None, ``gating_bias (K,)`` or None; with ``noisy_gating``
         also ``noise_kernel (in, K)``. With ``top_k < n_experts`` the expert kernel keeps its
@@ -43,21 +43,51 @@ class DenseMoE(MoEBase):
         is written in place; values, state dicts and optimizers are unaffected.
     """
 
-    def __init__(self, in_features: int, out_features: int, n_experts: int, **kwargs: Any) -> None:
-        super().__init__(n_experts, **kwargs)
+    @rejects_original_keywords
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        n_experts: int,
+        *,
+        expert_activation: ActivationSpec = None,
+        gating_activation: ActivationSpec = None,
+        use_expert_bias: bool = True,
+        use_gating_bias: bool = True,
+        expert_kernel_initializer_scale: float = 1.0,
+        gating_kernel_initializer_scale: float = 1.0,
+        expert_bias_initializer: InitializerSpec = "zeros",
+        gating_bias_initializer: InitializerSpec = "zeros",
+        expert_kernel_regularizer: RegularizerSpec = None,
+        gating_kernel_regularizer: RegularizerSpec = None,
+        expert_bias_regularizer: RegularizerSpec = None,
+        gating_bias_regularizer: RegularizerSpec = None,
+        expert_kernel_constraint: ConstraintSpec = None,
+        gating_kernel_constraint: ConstraintSpec = None,
+        expert_bias_constraint: ConstraintSpec = None,
+        gating_bias_constraint: ConstraintSpec = None,
+        activity_regularizer: RegularizerSpec = None,
+        top_k: int | None = None,
+        noisy_gating: bool = False,
+        gate_input: str = "full",
+        expert_backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(n_experts, **moe_options(locals()))
         self.in_features = check_positive_int(in_features, "in_features")
         self.out_features = check_positive_int(out_features, "out_features")
         k = self.n_experts
         if self.is_sparse:
-            kernel = torch.empty(k, in_features, out_features).permute(1, 2, 0)
+            kernel = torch.empty(k, in_features, out_features, **self._factory).permute(1, 2, 0)
         else:
-            kernel = torch.empty(in_features, out_features, k)
+            kernel = torch.empty(in_features, out_features, k, **self._factory)
         self.expert_kernel = nn.Parameter(kernel)
-        self.gating_kernel = nn.Parameter(torch.empty(in_features, k))
+        self.gating_kernel = nn.Parameter(torch.empty(in_features, k, **self._factory))
         self._finish_init(expert_bias_shape=(out_features, k), gating_bias_shape=(k,))
 
     def reset_parameters(self) -> None:
-        """The seed's init: variance scaling with uniform draws, ``U(-a, a)`` with
+        """The original's init: variance scaling with uniform draws, ``U(-a, a)`` with
         ``a = sqrt(3 * scale / max(1, fan))``; ``fan = (in + out) / 2`` for the experts and
         ``(in + 1) / 2`` for the gate. Biases from their initializers; the noise kernel zero."""
         fan_expert = max(1.0, (self.in_features + self.out_features) / 2)
@@ -117,7 +147,7 @@ class DenseMoE(MoEBase):
         counts = torch.bincount(index, minlength=self.n_experts).tolist()  # host ints
         weight = self.expert_kernel.permute(2, 0, 1)  # (K, in, out), contiguous when sparse
         bias = None if self.expert_bias is None else self.expert_bias.t()  # (K, out)
-        hidden = routing.grouped_linear(flat.index_select(0, rows), weight, bias, counts)
+        hidden = dispatch.grouped_linear(flat.index_select(0, rows), weight, bias, counts)
         hidden = self.expert_activation(hidden, -1)  # (N*k, out), elementwise
         hidden = hidden * gates.index_select(0, order).unsqueeze(-1).to(hidden.dtype)
         y = hidden.new_zeros(flat.shape[0], self.out_features)

@@ -33,7 +33,7 @@ def _finite_float(value: object, what: str) -> float:
 # ---------------------------------------------------------------------------------------------
 
 # An activation receives the tensor and the index of its experts axis. Only softmax uses the axis:
-# as in the seed (Keras softmax over the last axis, which is the experts axis there) it normalises
+# as in the original (Keras softmax over the last axis, which is the experts axis there) it normalises
 # over experts; every other activation is elementwise.
 ExpertActivation = Callable[[Tensor, int], Tensor]
 
@@ -174,6 +174,10 @@ _EPS = 1e-7  # Keras' K.epsilon()
 
 
 def _norms(w: Tensor, axis: tuple[int, ...]) -> Tensor:
+    """L2 norms over ``axis``; no axes means each element on its own (its absolute value), as
+    Keras' norm over a singleton axis (torch would read an empty ``dim`` as every axis)."""
+    if not axis:
+        return w.abs()
     return w.square().sum(dim=axis, keepdim=True).sqrt()
 
 

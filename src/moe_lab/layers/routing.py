@@ -1,6 +1,7 @@
-"""Routing for the MoE layers: top-k selection, the record of the last forward, the auxiliary
-(load-balancing) losses, expert-usage statistics, and the grouped matmul that dispatches rows to
-their experts. Imports torch only.
+"""Routing for the MoE layers: the router (gate logits, noise, top-k selection), the record of the
+last forward, the auxiliary (load-balancing) losses and expert-usage statistics. The experts'
+dispatch (grouped matmul, grouped convolution) is in :mod:`moe_lab.layers.dispatch`. Imports
+torch only.
 
 Shapes: ``N`` samples, ``G`` gate groups (1 for the dense layer, ``out_channels`` for the conv
 layers: every filter routes on its own), ``K`` experts per group, ``k`` experts kept per
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 #: Names of the auxiliary losses returned by ``layer.aux_losses()`` (and the keys of
 #: ``experts.aux_loss_weights`` in the configs).
@@ -73,6 +75,50 @@ def select_top_k(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     if top_k == 1:
         return torch.softmax(logits, dim=-1).gather(-1, index), index
     return torch.softmax(kept, dim=-1), index
+
+
+def route(
+    features: Tensor,
+    gating_kernel: Tensor,
+    gating_bias: Tensor | None,
+    noise_kernel: Tensor | None,
+    *,
+    n_experts: int,
+    top_k: int | None,
+    gating_activation: Callable[[Tensor, int], Tensor],
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+    """The router: gate features ``(N, F)`` -> ``(logits, routed_logits, noise_std, gates,
+    index)``, each ``(N, G, K)`` but gates and index ``(N, G, k)`` (index None when every expert
+    is kept, in order: a dense mixture or ``top_k == n_experts``).
+
+    ``F`` is the gating kernel's leading size and ``G * K`` its trailing one. ``noise_kernel``
+    (given only in training with noisy gating) adds ``N(0, std^2)`` noise to the logits, ``std =
+    softplus(features @ noise_kernel) + NOISE_EPSILON``. Runs in ``dtype`` with autocast off.
+    """
+    n, k = features.shape[0], n_experts
+    with autocast_off(features.device.type):
+        features = features.to(dtype)
+        kernel = gating_kernel.reshape(features.shape[1], -1).to(dtype)
+        if gating_bias is None:
+            logits = features @ kernel
+        else:
+            logits = torch.addmm(gating_bias.reshape(-1).to(dtype), features, kernel)
+        logits = logits.view(n, kernel.shape[1] // k, k)
+        noise_std = None
+        routed = logits
+        if noise_kernel is not None:
+            noise_kernel = noise_kernel.reshape(kernel.shape).to(dtype)
+            noise_std = F.softplus(features @ noise_kernel).view_as(logits) + NOISE_EPSILON
+            routed = logits + torch.randn_like(logits) * noise_std
+        index = None
+        if top_k is None:
+            gates = gating_activation(routed, -1)
+        elif top_k == k:
+            gates = torch.softmax(routed, dim=-1)
+        else:
+            gates, index = select_top_k(routed, top_k)
+    return logits, routed, noise_std, gates, index
 
 
 def dense_gates(gates: Tensor, index: Tensor | None, n_experts: int) -> Tensor:
@@ -170,93 +216,6 @@ def routing_stats(record: RoutingRecord, n_experts: int) -> dict[str, Tensor]:
     return {"importance": importance, "load": load, "entropy": entropy}
 
 
-# ---------------------------------------------------------------------------------------------
-# Grouped matmul: the dense layer's sparse experts
-# ---------------------------------------------------------------------------------------------
-
-
-class _GroupedLinear(torch.autograd.Function):
-    """``rows (M, in)`` sorted by expert, ``weight (K, in, out)``, ``bias (K, out)`` or None,
-    ``counts`` rows per expert (host ints) -> ``(M, out)``; each expert's contiguous slice of rows
-    times its own matrix.
-
-    A custom Function, not autograd through a loop of ``addmm`` on ``weight.unbind(0)``: the
-    backward writes each expert's weight gradient straight into one ``(K, in, out)`` buffer laid
-    out like ``weight`` (so it becomes ``.grad`` without a copy), where unbind's backward would
-    allocate K slices and then stack them, and the forward writes into one output instead of
-    concatenating. On CPU each fresh large buffer costs page faults, which dominate at this size.
-    First-order only (no double backward).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        rows: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        counts: list[int],
-    ) -> Tensor:
-        out = rows.new_empty(rows.shape[0], weight.shape[-1])
-        start = 0
-        for expert, count in enumerate(counts):
-            stop = start + count
-            if count and bias is None:
-                torch.mm(rows[start:stop], weight[expert], out=out[start:stop])
-            elif count:
-                torch.addmm(bias[expert], rows[start:stop], weight[expert], out=out[start:stop])
-            start = stop
-        ctx.save_for_backward(rows, weight)
-        ctx.counts = counts
-        ctx.has_bias = bias is not None
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        rows, weight = ctx.saved_tensors
-        need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_rows = torch.empty_like(rows) if need_rows else None
-        grad_weight = torch.empty_like(weight) if need_weight else None
-        grad_bias = None
-        if ctx.has_bias and need_bias:
-            grad_bias = weight.new_zeros(weight.shape[0], weight.shape[-1])
-        grad_out = grad_out.contiguous()
-        device = grad_out.device.type
-        with autocast_off(device):
-            _grouped_linear_backward(
-                ctx.counts, rows, weight, grad_out, grad_rows, grad_weight, grad_bias
-            )
-        return grad_rows, grad_weight, grad_bias, None
-
-
-def _grouped_linear_backward(
-    counts: list[int],
-    rows: Tensor,
-    weight: Tensor,
-    grad_out: Tensor,
-    grad_rows: Tensor | None,
-    grad_weight: Tensor | None,
-    grad_bias: Tensor | None,
-) -> None:
-    """Fill the gradient buffers of :class:`_GroupedLinear` in place."""
-    start = 0
-    for expert, count in enumerate(counts):
-        stop = start + count
-        rows_e, grad_e = rows[start:stop], grad_out[start:stop]
-        if grad_rows is not None and count:
-            torch.mm(grad_e, weight[expert].t(), out=grad_rows[start:stop])
-        if grad_weight is not None:
-            if count:
-                torch.mm(rows_e.t(), grad_e, out=grad_weight[expert])
-            else:
-                grad_weight[expert].zero_()
-        if grad_bias is not None and count:
-            torch.sum(grad_e, 0, out=grad_bias[expert])
-        start = stop
-
-
 def autocast_enabled(device: str) -> bool:
     """Whether autocast is on for ``device`` (a device type such as ``"cpu"``; False for device
     types without autocast, such as ``"meta"``)."""
@@ -268,20 +227,3 @@ def autocast_off(device: str) -> contextlib.AbstractContextManager[object]:
     if autocast_enabled(device):
         return torch.autocast(device, enabled=False)
     return contextlib.nullcontext()
-
-
-def grouped_linear(rows: Tensor, weight: Tensor, bias: Tensor | None, counts: list[int]) -> Tensor:
-    """``(M, in) -> (M, out)``: rows ``[sum(counts[:e]), sum(counts[:e+1]))`` go through expert
-    e's ``weight[e] (in, out)`` and ``bias[e] (out,)``. One GEMM per expert on a contiguous slice
-    (the loop is over experts, with a Python int count each, never over rows).
-
-    Under autocast the operands are cast to the autocast dtype first (as ``F.linear`` would be),
-    and the GEMMs run with autocast off (``out=`` GEMMs do not autocast).
-    """
-    device = rows.device.type
-    if autocast_enabled(device) and weight.dtype != torch.float64:  # as autocast does
-        dtype = torch.get_autocast_dtype(device)
-        rows, weight = rows.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    with autocast_off(device):  # out= GEMMs do not autocast
-        return _GroupedLinear.apply(rows, weight, bias, counts)

@@ -16,8 +16,8 @@ from moe_lab.layers.options import ActivationSpec
 
 from .complexity import count_flops, count_params
 from .convnet import INITS, ConvNet, check_input_shape, check_moe_kwargs
-from .matching import MATCH_KINDS, match_width
-from .topology import check_width_multiplier, parse_topology
+from .matching import MATCH_KINDS, WidthMatch, match_width
+from .topology import TopologySpec, check_width_multiplier, parse_topology
 
 BUILD_KINDS = ("cnn", "moe", "cnn_matched")
 
@@ -128,7 +128,6 @@ def build_model(
         moe_kwargs=moe_kwargs,
     )
 
-    match_by = match
     matched: dict[str, Any] = {}
     if kind == "cnn_matched":
         if width_multiplier != 1.0:
@@ -136,24 +135,15 @@ def build_model(
                 f"kind='cnn_matched' searches the width multiplier itself; drop "
                 f"width_multiplier={width_multiplier:g} (or use kind='cnn' to set it by hand)"
             )
-
-        def measure_of(model: ConvNet) -> int:
-            return count_params(model) if match_by == "params" else count_flops(model, shape)
-
-        # Candidate models live on the meta device: shapes only, no memory, no RNG draws.
-        with torch.device("meta"):
-            target = measure_of(ConvNet(topology=spec, kind="moe", **common))
-
-        def measure(m: float) -> int:
-            with torch.device("meta"):
-                return measure_of(ConvNet(topology=spec, kind="cnn", width_multiplier=m, **common))
-
-        found = match_width(spec, measure, target, tolerance=tolerance, what=match_by)
+        found, target = _match_plain_width(spec, common, match, tolerance)
         width_multiplier = found.width_multiplier
-        net = ConvNet(topology=spec, kind="cnn", width_multiplier=width_multiplier, **common)
-        matched = {"match": match_by, "match_target": target, "match_achieved": found.achieved}
-    else:
-        net = ConvNet(topology=spec, kind=kind, width_multiplier=width_multiplier, **common)
+        matched = {"match": match, "match_target": target, "match_achieved": found.achieved}
+    net = ConvNet(
+        topology=spec,
+        kind="cnn" if kind == "cnn_matched" else kind,
+        width_multiplier=width_multiplier,
+        **common,
+    )
 
     facts = ModelFacts(
         kind=kind,
@@ -170,3 +160,25 @@ def build_model(
         **matched,
     )
     return BuiltModel(net, facts)
+
+
+def _match_plain_width(
+    spec: TopologySpec, common: dict[str, Any], match: str, tolerance: float
+) -> tuple[WidthMatch, int]:
+    """The plain CNN's width multiplier whose params (or FLOPs) match the MoE twin's, and the
+    twin's value. Candidates live on the meta device: shapes only, no memory, no RNG draws."""
+    shape = common["input_shape"]
+
+    def measure_of(model: ConvNet) -> int:
+        return count_params(model) if match == "params" else count_flops(model, shape)
+
+    with torch.device("meta"):
+        target = measure_of(ConvNet(topology=spec, kind="moe", **common))
+
+    def measure(multiplier: float) -> int:
+        with torch.device("meta"):
+            return measure_of(
+                ConvNet(topology=spec, kind="cnn", width_multiplier=multiplier, **common)
+            )
+
+    return match_width(spec, measure, target, tolerance=tolerance, what=match), target

@@ -1,0 +1,168 @@
+"""The experts' dispatch: each sample (or row) through its own experts, as a few large ops.
+
+- :func:`grouped_linear`: rows sorted by expert, one GEMM per expert on its contiguous slice
+  (the dense layer's top-k experts).
+- :func:`grouped_conv`: a different set of kernels per sample as ONE convolution of the batch
+  folded into channels (``groups=B``): the conv layers' top-k experts and CondConv.
+- :func:`mix_kernels`: the gate-weighted sum of each sample's kernels and biases (CondConv).
+
+Imports torch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import routing
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """``rows (M, in)`` sorted by expert, ``weight (K, in, out)``, ``bias (K, out)`` or None,
+    ``counts`` rows per expert (host ints) -> ``(M, out)``; each expert's contiguous slice of rows
+    times its own matrix.
+
+    A custom Function, not autograd through a loop of ``addmm`` on ``weight.unbind(0)``: the
+    backward writes each expert's weight gradient straight into one ``(K, in, out)`` buffer laid
+    out like ``weight`` (so it becomes ``.grad`` without a copy), where unbind's backward would
+    allocate K slices and then stack them, and the forward writes into one output instead of
+    concatenating. On CPU each fresh large buffer costs page faults, which dominate at this size.
+    First-order only (no double backward).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        rows: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        counts: list[int],
+    ) -> Tensor:
+        out = rows.new_empty(rows.shape[0], weight.shape[-1])
+        start = 0
+        for expert, count in enumerate(counts):
+            stop = start + count
+            if count and bias is None:
+                torch.mm(rows[start:stop], weight[expert], out=out[start:stop])
+            elif count:
+                torch.addmm(bias[expert], rows[start:stop], weight[expert], out=out[start:stop])
+            start = stop
+        ctx.save_for_backward(rows, weight)
+        ctx.counts = counts
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        rows, weight = ctx.saved_tensors
+        need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_rows = torch.empty_like(rows) if need_rows else None
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        grad_bias = None
+        if ctx.has_bias and need_bias:
+            grad_bias = weight.new_zeros(weight.shape[0], weight.shape[-1])
+        grad_out = grad_out.contiguous()
+        device = grad_out.device.type
+        with routing.autocast_off(device):
+            _grouped_linear_backward(
+                ctx.counts, rows, weight, grad_out, grad_rows, grad_weight, grad_bias
+            )
+        return grad_rows, grad_weight, grad_bias, None
+
+
+def _grouped_linear_backward(
+    counts: list[int],
+    rows: Tensor,
+    weight: Tensor,
+    grad_out: Tensor,
+    grad_rows: Tensor | None,
+    grad_weight: Tensor | None,
+    grad_bias: Tensor | None,
+) -> None:
+    """Fill the gradient buffers of :class:`_GroupedLinear` in place."""
+    start = 0
+    for expert, count in enumerate(counts):
+        stop = start + count
+        rows_e, grad_e = rows[start:stop], grad_out[start:stop]
+        if grad_rows is not None and count:
+            torch.mm(grad_e, weight[expert].t(), out=grad_rows[start:stop])
+        if grad_weight is not None:
+            if count:
+                torch.mm(rows_e.t(), grad_e, out=grad_weight[expert])
+            else:
+                grad_weight[expert].zero_()
+        if grad_bias is not None and count:
+            torch.sum(grad_e, 0, out=grad_bias[expert])
+        start = stop
+
+
+def grouped_linear(rows: Tensor, weight: Tensor, bias: Tensor | None, counts: list[int]) -> Tensor:
+    """``(M, in) -> (M, out)``: rows ``[sum(counts[:e]), sum(counts[:e+1]))`` go through expert
+    e's ``weight[e] (in, out)`` and ``bias[e] (out,)``. One GEMM per expert on a contiguous slice
+    (the loop is over experts, with a Python int count each, never over rows).
+
+    Under autocast the operands are cast to the autocast dtype first (as ``F.linear`` would be),
+    and the GEMMs run with autocast off (``out=`` GEMMs do not autocast).
+    """
+    device = rows.device.type
+    if routing.autocast_enabled(device) and weight.dtype != torch.float64:  # as autocast does
+        dtype = torch.get_autocast_dtype(device)
+        rows, weight = rows.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    with routing.autocast_off(device):  # out= GEMMs do not autocast
+        return _GroupedLinear.apply(rows, weight, bias, counts)
+
+
+def kept_rows(index: Tensor, n_experts: int) -> Tensor:
+    """Kept experts ``(B, G, k)`` -> rows of a filter-major ``(G * K, ...)`` expert kernel,
+    ``(B * G * k,)``: expert ``index[b, f, j]`` of filter f is row ``f * K + index[b, f, j]``."""
+    first = torch.arange(index.shape[1], device=index.device) * n_experts
+    return (index + first.view(1, -1, 1)).reshape(-1)
+
+
+def grouped_conv(
+    conv: Callable[[Tensor, Tensor, Tensor | None, int], Tensor],
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+) -> Tensor:
+    """A different set of kernels per sample: ``x (B, C, *S)``, ``weight (B * n, C, *ks)``
+    (sample-major), ``bias (B * n,)`` or None -> ``(B, n, *S')``, as ONE convolution of the batch
+    folded into channels, ``groups=B``. ``conv(x, weight, bias, groups)`` is the layer's
+    convolution (its stride, padding and dilation)."""
+    batch = x.shape[0]
+    folded = x.reshape(1, batch * x.shape[1], *x.shape[2:])
+    y = conv(folded, weight, bias, batch)  # (1, B*n, *S')
+    return y.view(batch, -1, *y.shape[2:])
+
+
+def mix_kernels(
+    gates: Tensor,
+    expert_kernel: Tensor,
+    expert_bias: Tensor | None,
+    rows: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """CondConv's per-sample kernels: ``gates (B, G, k)``, ``expert_kernel (G * K, C, *ks)``
+    (filter-major), ``expert_bias (G, K)`` or None -> the mixed kernels ``(B * G, C, *ks)`` and
+    biases ``(B * G,)`` or None. ``rows`` (from :func:`kept_rows`) picks the kept experts for
+    top-k; None mixes all K."""
+    batch, groups, k = gates.shape
+    gates = gates.to(expert_kernel.dtype)
+    if rows is None:
+        kernels = expert_kernel.reshape(groups, k, -1)  # (G, K, C*prod(ks))
+        mixed = torch.einsum("bfk,fkw->bfw", gates, kernels)
+        bias = None if expert_bias is None else (gates * expert_bias).sum(-1)
+    else:
+        kernels = expert_kernel.index_select(0, rows).view(batch, groups, k, -1)
+        mixed = torch.einsum("bfk,bfkw->bfw", gates, kernels)
+        bias = None
+        if expert_bias is not None:
+            bias = (gates * expert_bias.reshape(-1)[rows].view(batch, groups, k)).sum(-1)
+    weight = mixed.reshape(batch * groups, *expert_kernel.shape[1:])
+    return weight, None if bias is None else bias.reshape(-1)
