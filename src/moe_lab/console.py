@@ -31,6 +31,9 @@ NOISE: dict[str, str] = {
     r"`isinstance\(treespec, LeafSpec\)` is deprecated": "torch deprecation inside Lightning",
     # the datasets are in-memory tensors (or on the GPU): worker processes would only add copies
     r"The '\w+' does not have many workers": "in-memory datasets need no loader workers",
+    # logger=mlflow: every run has a fresh store in its run dir, so these hold on every run
+    r"Experiment with name .* not found\. Creating it": "a new MLflow store per run",
+    r"Creating initial MLflow database tables|Updating database tables": "a new MLflow store per run",
 }
 
 
@@ -44,18 +47,20 @@ class _NoiseFilter(logging.Filter):
 
 
 _FILTER = _NoiseFilter(list(NOISE))
-# where Lightning's info lines (the tip among them) are logged from
-_LIGHTNING_LOGGERS = (
+# where the logged noise comes from (Lightning's tip, MLflow's store set-up)
+_NOISY_LOGGERS = (
     "lightning.pytorch.utilities.rank_zero",
     "lightning.fabric.utilities.rank_zero",
+    "lightning.pytorch.loggers.mlflow",
+    "mlflow.store.db.utils",
 )
 
 
 def quiet_known_noise() -> None:
-    """Filter :data:`NOISE` from warnings and from Lightning's info logging (idempotent)."""
+    """Filter :data:`NOISE` from warnings and from the loggers that print it (idempotent)."""
     for pattern in NOISE:
         warnings.filterwarnings("ignore", message=f"(?s).*{pattern}")
-    for name in _LIGHTNING_LOGGERS:
+    for name in _NOISY_LOGGERS:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
