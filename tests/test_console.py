@@ -100,6 +100,6 @@ def test_progress_bar_shows_running_loss_and_accuracy(tmp_path: Path, data_dir: 
     assert shown["acc"] == f"{100 * row['train_acc']:.1f}%"
     assert shown["val_acc"] == f"{100 * row['val_acc']:.1f}%"
 
-    # where the trainer shows no bar (sweeps, CI) the configured one is dropped, not an error
+    # where the trainer shows no bar (sweeps, CI) none is added
     quiet = assemble_run(cfg, enable_progress_bar=False)
     assert quiet.trainer.progress_bar_callback is None

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig
 
 from moe_lab.lit import AtomicCheckpointIO, Classifier
+from moe_lab.lit.progress import MetricsProgressBar
 from moe_lab.models import ModelFacts
 
 # 4D/5D inputs have a channels-last layout; 1D data (3D tensors) has none.
@@ -69,10 +70,10 @@ def assemble_run(cfg: DictConfig, **trainer_overrides: Any) -> RunParts:
     module, facts = build_module(cfg, datamodule)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    # a configured progress bar only where the trainer shows one (Lightning refuses both)
+    # where the trainer shows a progress bar, one with the running loss and accuracy
     show_bar = trainer_overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar"))
-    if show_bar is False:
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if show_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(MetricsProgressBar())
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         logger=loggers or False,
