@@ -62,12 +62,29 @@ def test_eval_scores_the_checkpoint_as_the_run_tested_it(trained_run: Path, data
     assert (eval_dir / "eval.log").read_text().strip()
 
 
-def test_eval_refuses_data_the_model_does_not_fit(trained_run: Path, data_dir: Path) -> None:
-    proc = _eval(trained_run, data_dir, "data=digits")
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert "data=mnist1d (inputs (1, 40), 10 classes)" in proc.stderr
-    assert "data=digits has inputs (1, 8, 8)" in proc.stderr
+def _eval_cfg(ckpt: Path, data_dir: Path, out: Path, *overrides: str):
+    from moe_lab.config import compose_config
+
+    return compose_config(
+        [f"ckpt_path={ckpt}", f"paths.data_dir={data_dir}", "accelerator=cpu", *overrides],
+        config_name="eval",
+        output_dir=out,
+    )
+
+
+def test_eval_refuses_data_the_model_does_not_fit(
+    trained_run: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    from moe_lab.config import ConfigError
+    from moe_lab.eval import evaluate
+
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    cfg = _eval_cfg(ckpt, data_dir, tmp_path, "data=digits")
+    with pytest.raises(ConfigError) as err:
+        evaluate(cfg, tmp_path)
+    assert "data=mnist1d (inputs (1, 40), 10 classes)" in str(err.value)
+    assert "data=digits has inputs (1, 8, 8)" in str(err.value)
+    assert not (tmp_path / EVAL_FILE).exists()
 
 
 def test_eval_refuses_a_checkpoint_outside_a_run_dir(tmp_path: Path, data_dir: Path) -> None:
@@ -77,5 +94,6 @@ def test_eval_refuses_a_checkpoint_outside_a_run_dir(tmp_path: Path, data_dir: P
     proc = run_module(
         "moe_lab.eval", f"ckpt_path={ckpt}", f"paths.root_dir={tmp_path}", cwd=tmp_path
     )
+    # the command line's answer: one line on stderr, exit code 2, no traceback
     assert proc.returncode == 2 and "no .hydra/config.yaml" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
