@@ -50,28 +50,11 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def compose_train(overrides: list[str], run_dir: Path, data_dir: Path):
-    """The training config as ``python -m moe_lab.train`` would compose it, for in-process runs.
+    """The training config as ``python -m moe_lab.train`` would compose it, for in-process runs,
+    with outputs and data in tmp dirs (through the package's one compose helper)."""
+    from moe_lab.config import compose_config
 
-    Sets Hydra's runtime config (the run code reads it) and points outputs and data at tmp dirs.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from moe_lab.config import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"paths.output_dir={run_dir}",
-                f"paths.data_dir={data_dir}",
-                f"paths.root_dir={run_dir.parent}",
-                *overrides,
-            ],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_config(
+        [f"paths.data_dir={data_dir}", f"paths.root_dir={run_dir.parent}", *overrides],
+        output_dir=run_dir,
+    )

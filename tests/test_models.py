@@ -16,7 +16,7 @@ from torch import nn
 
 from moe_lab.layers import Conv1dMoE, Conv2dMoE, Conv3dMoE, DenseMoE, MoEBase
 from moe_lab.models import (
-    SeedCNN,
+    ConvNet,
     WidthMatchError,
     build_model,
     count_flops,
@@ -120,14 +120,14 @@ def trainable(model: nn.Module) -> int:
 
 @pytest.mark.parametrize(("kind", "seed_count"), [("cnn", 1_250_858), ("moe", 7_560_140)])
 def test_cifar_param_counts_are_the_seeds(kind, seed_count):
-    model = build_model(kind, CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, n_experts=2)
+    model, facts = build_model(kind, CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, n_experts=2)
     assert trainable(model) == seed_count  # SPEC 1.3
     assert reference_params(kind, CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, n_experts=2) == seed_count
-    assert model.model_info["params"] == seed_count
+    assert facts.params == seed_count
 
 
 def test_cifar_moe_second_conv_gating_weights():
-    model = build_model("moe", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, n_experts=2)
+    model, _facts = build_model("moe", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, n_experts=2)
     assert model.features.block0_conv1.gating_kernel.numel() == 2_097_152  # SPEC 1.3
     assert model.features.block0_conv0.gating_kernel.numel() == 32 * 32 * 3 * 32 * 2  # SPEC 1.2
 
@@ -140,7 +140,7 @@ def test_cifar_moe_second_conv_gating_weights():
 def test_builds_forward_and_counts_in_1d_2d_3d(case, kind):
     shape, topology = CASES[case]
     torch.manual_seed(0)
-    model = build_model(kind, shape, 7, topology, n_experts=3)
+    model, _facts = build_model(kind, shape, 7, topology, n_experts=3)
     assert trainable(model) == reference_params(kind, shape, 7, topology, n_experts=3)
     conv_moe = {1: Conv1dMoE, 2: Conv2dMoE, 3: Conv3dMoE}[len(shape) - 1]
     n_conv_moe = sum(isinstance(m, conv_moe) for m in model.modules())
@@ -158,7 +158,7 @@ def test_builds_forward_and_counts_in_1d_2d_3d(case, kind):
 
 
 def test_moe_twin_structure():
-    model = build_model(
+    model, _facts = build_model(
         "moe", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY, n_experts=4, expert_activation="tanh"
     )
     # the MoE layers' expert activation replaces the ReLU; the head stays plain
@@ -180,7 +180,7 @@ def test_moe_twin_structure():
 
 
 def test_cnn_structure_follows_the_keras_seed():
-    model = build_model("cnn", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY)
+    model, _facts = build_model("cnn", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY)
     kinds = [type(m).__name__ for m in model.features]
     block_layers = ["Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d", "Dropout"]
     assert kinds == block_layers * 2
@@ -192,13 +192,13 @@ def test_cnn_structure_follows_the_keras_seed():
 
 
 def test_moe_kwargs_reach_every_moe_layer():
-    model = build_model(
+    model, facts = build_model(
         "moe", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY, moe_kwargs={"use_gating_bias": False}
     )
     assert all(layer.gating_bias is None for layer in model.moe_layers().values())
     expected = reference_params("moe", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY, gating_bias=False)
     assert trainable(model) == expected
-    assert model.model_info["moe_kwargs"] == {"use_gating_bias": False}
+    assert facts.moe_kwargs == {"use_gating_bias": False}
 
 
 def test_moe_kwargs_may_not_override_the_builder():
@@ -224,7 +224,7 @@ def test_same_padding_is_keras_for_even_kernels(shape, kernel, pads):
         "blocks": [{"channels": [3], "kernel_size": kernel, "padding": "same"}],
         "dense_units": 4,
     }
-    model = build_model("cnn", shape, 2, topology, init="torch")
+    model, _facts = build_model("cnn", shape, 2, topology, init="torch")
     conv = next(m for m in model.features if isinstance(m, (nn.Conv1d, nn.Conv2d)))
     x = torch.randn(2, *shape)
     conv_fn = F.conv1d if len(shape) == 2 else F.conv2d
@@ -241,12 +241,12 @@ def test_same_padding_is_keras_for_even_kernels(shape, kernel, pads):
     [(0.5, [16, 16, 32, 32, 256]), (1.3, [42, 42, 83, 83, 666]), (1e-3, [1, 1, 1, 1, 1])],
 )
 def test_width_multiplier_scales_convs_and_dense(multiplier, widths):
-    model = build_model("cnn", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, width_multiplier=multiplier)
+    model, facts = build_model("cnn", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, width_multiplier=multiplier)
     convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert [*convs, model.classifier.dense.out_features] == widths
     expected = reference_params("cnn", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, multiplier=multiplier)
     assert trainable(model) == expected
-    assert model.model_info["width_multiplier"] == multiplier
+    assert facts.width_multiplier == multiplier
 
 
 @pytest.mark.parametrize("kind", ["cnn", "moe"])
@@ -290,7 +290,7 @@ def test_bad_arguments_raise_value_errors(kwargs, message):
 
 
 def test_forward_rejects_the_wrong_input_size():
-    model = build_model("cnn", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY)
+    model, _facts = build_model("cnn", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY)
     with pytest.raises(ValueError, match=r"input_shape=\(1, 9, 9\)"):
         model(torch.zeros(2, 1, 9, 9))
 
@@ -301,7 +301,7 @@ def test_forward_rejects_the_wrong_input_size():
 @pytest.mark.parametrize("path", ["features.block1_conv1", "classifier.dense"])
 def test_keras_init_is_glorot_uniform_with_zero_bias(path):
     torch.manual_seed(0)
-    module = build_model("cnn", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY).get_submodule(path)
+    module = build_model("cnn", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY).net.get_submodule(path)
     w = module.weight.detach()
     if isinstance(module, nn.Conv2d):  # (64, 64, 3, 3)
         fan_in, fan_out = 64 * 9, 64 * 9
@@ -317,7 +317,9 @@ def test_keras_init_is_glorot_uniform_with_zero_bias(path):
 
 def test_torch_init_keeps_pytorch_defaults():
     torch.manual_seed(0)
-    conv = build_model("cnn", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, init="torch").features.block1_conv1
+    conv = build_model(
+        "cnn", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, init="torch"
+    ).net.features.block1_conv1
     bound = 1 / math.sqrt(64 * 9)  # kaiming_uniform(a=sqrt(5)) and the bias both use 1/sqrt(fan_in)
     assert conv.weight.abs().max() <= bound
     assert conv.bias.abs().max() > 0
@@ -326,7 +328,9 @@ def test_torch_init_keeps_pytorch_defaults():
 
 def test_moe_layers_keep_their_own_init():
     torch.manual_seed(0)
-    layer = build_model("moe", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, init="keras").features.block1_conv1
+    layer = build_model(
+        "moe", CIFAR_SHAPE, 10, CIFAR_TOPOLOGY, init="keras"
+    ).net.features.block1_conv1
     # seed conv MoE init: expert_kernel ~ N(0, 1 / (C * k^2)) with C = 64, not Glorot
     assert layer.expert_kernel.std().item() == pytest.approx(1 / math.sqrt(64 * 9), rel=0.03)
 
@@ -353,7 +357,7 @@ def test_moe_layers_keep_their_own_init():
     ],
 )
 def test_count_flops_matches_the_formula_for_a_tiny_cnn(shape, topology, expected):
-    model = build_model("cnn", shape, 3, topology)
+    model, _facts = build_model("cnn", shape, 3, topology)
     model.train()
     assert count_flops(model, shape) == expected
     assert model.training  # mode restored
@@ -364,7 +368,7 @@ def test_count_flops_of_a_tiny_moe_is_its_matmuls_and_convs():
     the final mixing (at most 2 * out * K per output position) may be counted on top."""
     shape, K = (1, 12), 2
     topology = {"blocks": [block([4, 5], pool=2)], "dense_units": 6}
-    model = build_model("moe", shape, 3, topology, n_experts=K)
+    model, _facts = build_model("moe", shape, 3, topology, n_experts=K)
     convs = 2 * (12 * 4 * K * 1 * 3 + 10 * 5 * K * 4 * 3)
     gates = 2 * (1 * 12 * 4 * K + 4 * 12 * 5 * K + 25 * K)
     dense = 2 * (25 * 6 * K + 6 * 3)
@@ -373,9 +377,9 @@ def test_count_flops_of_a_tiny_moe_is_its_matmuls_and_convs():
 
 
 def test_count_flops_on_the_meta_device_equals_the_real_count():
-    real = build_model("moe", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY)
+    real, _real_facts = build_model("moe", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY)
     with torch.device("meta"):
-        meta = SeedCNN(DIGITS_SHAPE, 10, DIGITS_TOPOLOGY, kind="moe")
+        meta = ConvNet(DIGITS_SHAPE, 10, DIGITS_TOPOLOGY, kind="moe")
     assert count_flops(meta, DIGITS_SHAPE) == count_flops(real, DIGITS_SHAPE)
     assert count_params(meta) == trainable(real)
 
@@ -388,20 +392,22 @@ MATCH_CASES = [("cifar", 2), ("cifar", 4), ("mnist1d", 2), ("digits", 2), ("volu
 @pytest.mark.parametrize(("case", "n_experts"), MATCH_CASES)
 def test_param_matching_within_one_percent(case, n_experts):
     shape, topology = CASES[case]
-    model = build_model("cnn_matched", shape, 10, topology, n_experts=n_experts)
-    info = model.match_info
+    model, facts = build_model("cnn_matched", shape, 10, topology, n_experts=n_experts)
+    info = facts
     target = reference_params("moe", shape, 10, topology, n_experts=n_experts)
-    achieved = reference_params("cnn", shape, 10, topology, multiplier=info["width_multiplier"])
-    assert info["match"] == "params"
-    assert info["target"] == target
-    assert info["achieved"] == info["params"] == achieved == trainable(model)
+    achieved = reference_params("cnn", shape, 10, topology, multiplier=info.width_multiplier)
+    assert info.match == "params"
+    assert info.match_target == target
+    assert info.match_achieved == info.params == achieved == trainable(model)
     assert abs(achieved - target) / target <= 0.01
-    assert info["flops_per_example"] == count_flops(model, shape)
-    assert model.model_info["match_target"] == target
-    assert model.model_info["n_experts"] == n_experts
+    assert info.flops_per_example == count_flops(model, shape)
+    assert facts.match_target == target
+    assert facts.n_experts == n_experts
     assert all(isinstance(m, nn.Linear) for m in (model.classifier.dense, model.classifier.head))
     # the recorded multiplier rebuilds the same widths
-    rebuilt = build_model("cnn", shape, 10, topology, width_multiplier=info["width_multiplier"])
+    rebuilt, _rebuilt_facts = build_model(
+        "cnn", shape, 10, topology, width_multiplier=info.width_multiplier
+    )
     assert rebuilt.topology == model.topology
 
 
@@ -409,33 +415,37 @@ def test_param_matching_within_one_percent(case, n_experts):
 def test_param_matching_finds_the_closest_step(case):
     """No multiplier on a fine grid gets closer to the target than the one found."""
     shape, topology = CASES[case]
-    model = build_model("cnn_matched", shape, 10, topology, n_experts=2)
-    target = model.match_info["target"]
+    _model, facts = build_model("cnn_matched", shape, 10, topology, n_experts=2)
+    target = facts.match_target
     best_scan = min(
         abs(reference_params("cnn", shape, 10, topology, multiplier=i / 2000) - target)
         for i in range(1000, 8000)
     )
-    assert abs(model.match_info["achieved"] - target) <= best_scan
+    assert abs(facts.match_achieved - target) <= best_scan
 
 
 def test_matching_follows_moe_kwargs():
     without_bias = {"use_gating_bias": False}
-    model = build_model("cnn_matched", MNIST1D_SHAPE, 10, MNIST1D_TOPOLOGY, moe_kwargs=without_bias)
+    _model, facts = build_model(
+        "cnn_matched", MNIST1D_SHAPE, 10, MNIST1D_TOPOLOGY, moe_kwargs=without_bias
+    )
     target = reference_params("moe", MNIST1D_SHAPE, 10, MNIST1D_TOPOLOGY, gating_bias=False)
-    assert model.match_info["target"] == target
+    assert facts.match_target == target
 
 
 @pytest.mark.parametrize(("case", "n_experts"), [("cifar", 2), ("mnist1d", 4), ("volume3d", 2)])
 def test_flop_matching_within_one_percent(case, n_experts):
     shape, topology = CASES[case]
-    model = build_model("cnn_matched", shape, 10, topology, n_experts=n_experts, match="flops")
-    moe = build_model("moe", shape, 10, topology, n_experts=n_experts)
-    info = model.match_info
-    assert info["match"] == "flops"
-    assert info["target"] == count_flops(moe, shape)
-    assert info["achieved"] == info["flops_per_example"] == count_flops(model, shape)
-    assert abs(info["achieved"] - info["target"]) / info["target"] <= 0.01
-    assert info["params"] == trainable(model)
+    model, facts = build_model(
+        "cnn_matched", shape, 10, topology, n_experts=n_experts, match="flops"
+    )
+    moe, _moe_facts = build_model("moe", shape, 10, topology, n_experts=n_experts)
+    info = facts
+    assert info.match == "flops"
+    assert info.match_target == count_flops(moe, shape)
+    assert info.match_achieved == info.flops_per_example == count_flops(model, shape)
+    assert abs(info.match_achieved - info.match_target) / info.match_target <= 0.01
+    assert info.params == trainable(model)
 
 
 def test_unreachable_tolerance_names_the_closest_achievable_values():
@@ -473,11 +483,11 @@ def test_match_width_on_a_synthetic_measure():
 
 def test_matched_build_draws_no_extra_random_numbers():
     torch.manual_seed(0)
-    matched = build_model("cnn_matched", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY)
+    matched, matched_facts = build_model("cnn_matched", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY)
     torch.manual_seed(0)
-    plain = build_model(
+    plain, _plain_facts = build_model(
         "cnn", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY,
-        width_multiplier=matched.match_info["width_multiplier"],
+        width_multiplier=matched_facts.width_multiplier,
     )  # fmt: skip
     for (name, a), (_, b) in zip(
         matched.state_dict().items(), plain.state_dict().items(), strict=True
@@ -485,11 +495,11 @@ def test_matched_build_draws_no_extra_random_numbers():
         assert torch.equal(a, b), name
 
 
-def test_model_info_for_run_summaries():
-    model = build_model("moe", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY, n_experts=3, name="moe_k3")
-    info = model.model_info
-    assert info["kind"] == "moe" and info["name"] == "moe_k3" and info["n_experts"] == 3
-    assert info["width_multiplier"] == 1.0 and info["match_target"] is None
-    assert info["params"] == trainable(model)
+def test_model_facts_for_run_summaries():
+    model, facts = build_model("moe", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY, n_experts=3, name="moe_k3")
+    info = facts
+    assert info.kind == "moe" and info.name == "moe_k3" and info.n_experts == 3
+    assert info.width_multiplier == 1.0 and info.match_target is None
+    assert info.params == trainable(model)
     assert isinstance(next(iter(model.moe_layers().values())), MoEBase)
-    assert build_model("cnn", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY).model_info["n_experts"] is None
+    assert build_model("cnn", DIGITS_SHAPE, 10, DIGITS_TOPOLOGY).facts.n_experts is None

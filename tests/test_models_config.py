@@ -49,7 +49,7 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make(config_dir: Path, overrides: list[str]):
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    return cfg, instantiate(cfg.model)(input_shape=SHAPE, num_classes=10)
+    return (cfg, *instantiate(cfg.model)(input_shape=SHAPE, num_classes=10))
 
 
 @pytest.mark.parametrize(
@@ -62,27 +62,27 @@ def make(config_dir: Path, overrides: list[str]):
     ],
 )
 def test_model_configs_instantiate(config_dir, overrides, kind, name, n_experts):
-    cfg, model = make(config_dir, overrides)
-    info = model.model_info
-    assert (info["kind"], info["name"], info["n_experts"]) == (kind, name, n_experts)
-    direct = build_model(
+    cfg, _model, facts = make(config_dir, overrides)
+    info = facts
+    assert (info.kind, info.name, info.n_experts) == (kind, name, n_experts)
+    _direct, direct_facts = build_model(
         kind, SHAPE, 10, TOPOLOGY, n_experts=n_experts or 2, match=cfg.model.get("match", "params")
     )
-    assert info["params"] == direct.model_info["params"]
-    assert isinstance(info["input_shape"], list)
+    assert info.params == direct_facts.params
+    assert isinstance(info.input_shape, list)
     if kind == "cnn_matched":
         expected_match = "flops" if name == "cnn_flop_matched" else "params"
-        assert model.match_info["match"] == expected_match
-        assert abs(model.match_info["achieved"] / model.match_info["target"] - 1) <= 0.01
+        assert facts.match == expected_match
+        assert abs(facts.match_achieved / facts.match_target - 1) <= 0.01
 
 
 def test_activation_and_moe_kwargs_flow_from_their_groups(config_dir):
-    _, model = make(
+    _, model, facts = make(
         config_dir,
         ["model=moe", "activation=tanh_softmax", "+experts.moe_kwargs.use_expert_bias=false"],
     )
     for layer in model.moe_layers().values():
         assert layer.expert_activation.name == "tanh"
         assert layer.expert_bias is None
-    assert model.model_info["moe_kwargs"] == {"use_expert_bias": False}
-    assert type(model.model_info["moe_kwargs"]) is dict  # no OmegaConf objects in the info
+    assert facts.moe_kwargs == {"use_expert_bias": False}
+    assert type(facts.moe_kwargs) is dict  # no OmegaConf objects in the info

@@ -433,7 +433,7 @@ def test_routing_presets_build_and_train_conv_and_dense_layers(config_dir: Path,
     assert raw.aux_loss_weights.switch > 0 or raw.aux_loss_weights.load > 0  # balancing on
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"experts={preset}"])
-    model = instantiate(cfg.model)(input_shape=(1, 8, 8), num_classes=10)
+    model, _ = instantiate(cfg.model)(input_shape=(1, 8, 8), num_classes=10)
     layers = model.moe_layers()
     assert {type(m).__name__ for m in layers.values()} == {"Conv2dMoE", "DenseMoE"}
     for layer in layers.values():

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import compose_train, run_module
-from moe_lab.train import SUMMARY_FIELDS, train
+from moe_lab.record import SUMMARY_FIELDS
+from moe_lab.train import train
 
 TINY = [
     "trainer.max_epochs=1",

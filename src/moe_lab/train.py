@@ -7,7 +7,9 @@ other jobs of a sweep; the sweep's report lists it and the multirun exits non-ze
 
 from __future__ import annotations
 
+import inspect
 import logging
+import subprocess
 import sys
 import time
 import traceback
@@ -19,24 +21,24 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from moe_lab.config import CONFIG_DIR, ConfigError, check_resume, validate_train_config
-from moe_lab.lit import AtomicCheckpointIO, Classifier, DivergedError
-from moe_lab.models import count_flops
+from moe_lab.assembly import RunParts, assemble_run
+from moe_lab.config import (
+    CONFIG_DIR,
+    ConfigError,
+    check_resume,
+    require_config_dir,
+    validate_train_config,
+)
+from moe_lab.layers import MoEBase
+from moe_lab.lit import DivergedError
+from moe_lab.models import ModelFacts
+from moe_lab.record import METRICS_FILE, SUMMARY_FILE, RunSummary
 from moe_lab.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("moe_lab.train")
-
-
-SUMMARY_FIELDS = (
-    "experiment", "model", "data", "n_experts", "top_k", "routing", "seed", "params", "flops_per_example",
-    "width_multiplier", "match", "match_target", "status", "error_type", "error_message", "diverged_at",
-    "epochs", "max_epochs", "val_acc_last", "val_acc_best", "test_acc", "wall_time_s", "run_dir",
-    "overrides",
-)  # fmt: skip
 
 
 def _hydra_overrides() -> list[str]:
@@ -64,42 +66,98 @@ def _group_choice(group: str) -> str | None:
         return None
 
 
-# The layers' routing defaults: options that differ from them name a variant in the report.
-_ROUTING_DEFAULTS = {"noisy_gating": False, "gate_input": "full", "expert_backend": "auto"}
+# Routing options that differ from the layers' own defaults name a variant in the report
+# (``top_k`` has a field of its own).
+_ROUTING_OPTIONS = ("noisy_gating", "gate_input", "expert_backend")
 
 
 def _routing_variant(moe_kwargs: Any) -> str | None:
-    """E.g. ``"gate_input=pooled,noisy_gating=True"``; None for the seed's routing (``top_k`` has a
-    field of its own)."""
+    """E.g. ``"gate_input=pooled,noisy_gating=True"``; None for the original's routing."""
+    defaults = inspect.signature(MoEBase.__init__).parameters
     changed = [
         f"{key}={moe_kwargs[key]}"
-        for key, default in _ROUTING_DEFAULTS.items()
-        if key in moe_kwargs and moe_kwargs[key] != default
+        for key in _ROUTING_OPTIONS
+        if key in moe_kwargs and moe_kwargs[key] != defaults[key].default
     ]
     return ",".join(changed) or None
 
 
-def _initial_summary(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    summary: dict[str, Any] = dict.fromkeys(SUMMARY_FIELDS)
+def _initial_summary(cfg: DictConfig, run_dir: Path) -> RunSummary:
     model_cfg = cfg.get("model") or {}
     experts_cfg = cfg.get("experts") or {}
-    summary.update(
+    moe_kwargs = experts_cfg.get("moe_kwargs") or {}
+    uses_experts = model_cfg.get("kind") != "cnn" or model_cfg.get("match")
+    return RunSummary(
         experiment=cfg.get("experiment_name"),
         model=model_cfg.get("name"),
         data=_group_choice("data"),
-        n_experts=experts_cfg.get("n_experts")
-        if model_cfg.get("kind") != "cnn" or model_cfg.get("match")
-        else None,
-        top_k=(experts_cfg.get("moe_kwargs") or {}).get("top_k"),
-        routing=_routing_variant(experts_cfg.get("moe_kwargs") or {}),
+        n_experts=experts_cfg.get("n_experts") if uses_experts else None,
+        top_k=moe_kwargs.get("top_k"),
+        routing=_routing_variant(moe_kwargs),
         seed=cfg.get("seed"),
+        stage=cfg.get("stage"),
+        arm=cfg.get("arm"),
+        trial=cfg.get("trial"),
         max_epochs=(cfg.get("trainer") or {}).get("max_epochs"),
         status="running",
-        epochs=0,
         run_dir=str(run_dir),
         overrides=_hydra_overrides(),
     )
-    return summary
+
+
+def _record_facts(summary: RunSummary, facts: ModelFacts) -> None:
+    summary.params = facts.params
+    summary.flops_per_example = facts.flops_per_example
+    summary.n_experts = facts.n_experts
+    summary.width_multiplier = facts.width_multiplier
+    summary.match = facts.match
+    summary.match_target = facts.match_target
+
+
+def _git_commit() -> str | None:
+    """The commit of the moe_lab checkout this code runs from (None for an installed wheel)."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _record_environment(summary: RunSummary, trainer: L.Trainer) -> None:
+    """What a result depends on besides the config."""
+    device = trainer.strategy.root_device
+    name = str(device)
+    if device.type == "cuda":
+        name += f" ({torch.cuda.get_device_name(device)})"
+    summary.device = name
+    summary.torch_threads = torch.get_num_threads()
+    summary.torch_version = torch.__version__
+    summary.lightning_version = L.__version__
+    summary.git_commit = _git_commit()
+
+
+def _log_hyperparams(parts: RunParts, cfg: DictConfig, summary: RunSummary) -> None:
+    for lg in parts.loggers:
+        lg.log_hyperparams(
+            {
+                "params": summary.params,
+                "flops_per_example": summary.flops_per_example,
+                "config": OmegaConf.to_container(cfg, resolve=True),
+            }
+        )
+        if hasattr(lg, "experiment") and hasattr(lg.experiment, "id"):
+            summary.wandb_id = lg.experiment.id
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -108,114 +166,73 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = _initial_summary(cfg, run_dir)
     start = time.perf_counter()
-    lit: Classifier | None = None
+    parts: RunParts | None = None
     try:
         validate_train_config(cfg)
         ckpt_path = check_resume(cfg, run_dir)
-        L.seed_everything(cfg.seed, workers=True)
-        if cfg.get("num_threads"):
-            torch.set_num_threads(int(cfg.num_threads))
-        if cfg.get("matmul_precision"):
-            torch.set_float32_matmul_precision(cfg.matmul_precision)
+        quiet = {"enable_progress_bar": False, "enable_model_summary": False}
+        parts = assemble_run(cfg, **(quiet if _is_multirun() else {}))
+        summary.data = parts.datamodule.name
+        _record_facts(summary, parts.facts)
+        _record_environment(summary, parts.trainer)
+        parts.module.metrics_path = run_dir / METRICS_FILE
+        _log_hyperparams(parts, cfg, summary)
 
-        # plain containers (not DictConfig) in hyperparameters keep checkpoints weights_only-loadable
-        datamodule = instantiate(cfg.data, _convert_="all")
-        summary["data"] = datamodule.name
-        net = instantiate(cfg.model, _convert_="all")(
-            input_shape=datamodule.input_shape, num_classes=datamodule.num_classes
+        parts.trainer.fit(
+            parts.module, datamodule=parts.datamodule, ckpt_path=ckpt_path, weights_only=True
         )
-        summary["params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
-        summary["flops_per_example"] = count_flops(net, datamodule.input_shape)
-        info = getattr(net, "model_info", {})
-        summary["n_experts"] = info.get("n_experts", summary["n_experts"])
-        summary["width_multiplier"] = info.get("width_multiplier", 1.0)
-        summary["match_target"] = info.get("match_target")
-        summary["match"] = (getattr(net, "match_info", None) or {}).get("match")
-        memory_format = {3: torch.channels_last, 4: torch.channels_last_3d}.get(
-            len(datamodule.input_shape)
-        )
-        if cfg.get("channels_last") and memory_format is not None:  # 1D data has no such layout
-            net = net.to(memory_format=memory_format)
-        if cfg.get("compile"):
-            net.compile()
-
-        lit = Classifier(
-            net,
-            num_classes=datamodule.num_classes,
-            optimizer=instantiate(cfg.optimizer),
-            scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-            scheduler_interval=cfg.get("scheduler_interval", "step"),
-            aux_loss_weights=cfg.experts.get("aux_loss_weights"),
-            channels_last=bool(cfg.get("channels_last")),
-        )
-        lit.metrics_path = run_dir / "metrics.csv"
-
-        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-        trainer_kwargs: dict[str, Any] = {}
-        if _is_multirun():
-            trainer_kwargs.update(enable_progress_bar=False, enable_model_summary=False)
-        trainer: L.Trainer = instantiate(
-            cfg.trainer,
-            logger=loggers or False,
-            callbacks=callbacks,
-            plugins=[AtomicCheckpointIO()],
-            default_root_dir=str(run_dir),
-            **trainer_kwargs,
-        )
-        for lg in loggers:
-            lg.log_hyperparams(
-                {
-                    "params": summary["params"],
-                    "flops_per_example": summary["flops_per_example"],
-                    "config": OmegaConf.to_container(cfg, resolve=True),
-                }
+        if cfg.get("test", True):
+            # With a held-out validation split the test set is scored once, with the checkpoint
+            # that validation chose; without one (the original's protocol) validation IS the
+            # test set.
+            held_out = float(cfg.data.get("val_split", 0.0) or 0.0) > 0
+            parts.trainer.test(
+                parts.module,
+                datamodule=parts.datamodule,
+                ckpt_path="best" if held_out else None,
+                weights_only=True,
+                verbose=False,
             )
-            if hasattr(lg, "experiment") and hasattr(lg.experiment, "id"):
-                summary["wandb_id"] = lg.experiment.id
-
-        trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        # With a held-out validation split the test set is scored once, with the checkpoint that
-        # validation chose; without one (the seed's protocol) validation IS the test set.
-        held_out = float(cfg.data.get("val_split", 0.0) or 0.0) > 0
-        trainer.test(
-            lit,
-            datamodule=datamodule,
-            ckpt_path="best" if held_out else None,
-            weights_only=True,
-            verbose=False,
-        )
-        summary["test_acc"] = lit.test_result.get("test_acc")
-        summary["status"] = "completed"
+            summary.test_acc = parts.module.test_result.get("test_acc")
+        summary.status = "completed"
     except DivergedError as err:
-        summary.update(status="diverged", error_type=type(err).__name__, error_message=str(err))
-        summary["diverged_at"] = {"epoch": err.epoch, "step": err.step}
+        summary.status, summary.error_type, summary.error_message = (
+            "diverged",
+            type(err).__name__,
+            str(err),
+        )
+        summary.diverged_at = {"epoch": err.epoch, "step": err.step}
         log.error("run diverged: %s", err)
     except Exception as err:  # a failing job must not sink the sweep: record it and move on
-        summary.update(status="failed", error_type=type(err).__name__, error_message=str(err))
+        summary.status, summary.error_type, summary.error_message = (
+            "failed",
+            type(err).__name__,
+            str(err),
+        )
         if _is_main_process():
             atomic_write_text(run_dir / "error.log", traceback.format_exc())
         log.error(
             "run failed: %s: %s (traceback in %s)", type(err).__name__, err, run_dir / "error.log"
         )
     finally:
-        if lit is not None:
-            _record_history(summary, lit)
-        summary["wall_time_s"] = round(time.perf_counter() - start, 3)
+        if parts is not None:
+            _record_history(summary, parts.module.history)
+        summary.wall_time_s = round(time.perf_counter() - start, 3)
+        summary.segments += 1
         if _is_main_process():  # DDP's other ranks run this function too
-            atomic_write_json(run_dir / "summary.json", summary)
-    return summary
+            atomic_write_json(run_dir / SUMMARY_FILE, summary.to_dict())
+    return summary.to_dict()
 
 
-def _record_history(summary: dict[str, Any], lit: Classifier) -> None:
-    accs = [r["val_acc"] for r in lit.history if r.get("val_acc") == r.get("val_acc")]  # drop NaN
-    summary["epochs"] = len(lit.history)
-    summary["val_acc_last"] = accs[-1] if accs else None
-    summary["val_acc_best"] = max(accs) if accs else None
+def _record_history(summary: RunSummary, history: list[dict[str, float]]) -> None:
+    accs = [r["val_acc"] for r in history if r.get("val_acc") == r.get("val_acc")]  # drop NaN
+    summary.epochs = len(history)
+    summary.val_acc_last = accs[-1] if accs else None
+    summary.val_acc_best = max(accs) if accs else None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     summary = train(cfg)
     if summary["status"] != "completed" and not _is_multirun():
         print(
@@ -225,6 +242,12 @@ def main(cfg: DictConfig) -> float | None:
         )
         sys.exit(1)
     return summary.get("val_acc_best")
+
+
+def main() -> None:
+    """Entry point of ``python -m moe_lab.train`` and ``moe-train``."""
+    require_config_dir("train")  # one line saying what to do, not Hydra's error, without configs
+    _hydra_main()
 
 
 __all__ = ["ConfigError", "main", "train"]

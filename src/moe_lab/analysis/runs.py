@@ -83,6 +83,8 @@ _NUMERIC_FIELDS = (
 # Files and dirs that mark a directory as a job dir (Hydra writes .hydra/ and <job>.log at job
 # start, so a job killed before its first epoch is still found).
 _RUN_MARKERS = ("summary.json", "metrics.csv", ".hydra", "checkpoints")
+# moe_lab.analysis.jacobian.RECORD_FILE, spelled out: that module needs torch
+_JACOBIAN_RECORD = "jacobian.json"
 _GATE_COLUMN = re.compile(
     r"^gate/(?P<layer>.+)/(?:(?P<kind>importance|load)_(?P<expert>\d+)|entropy)$"
 )
@@ -159,6 +161,8 @@ def find_run_dirs(sweep_dir: str | Path) -> list[Path]:
     pending = _subdirs(sweep_dir)
     while pending:
         child = pending.pop(0)
+        if (child / _JACOBIAN_RECORD).is_file():
+            continue  # a Jacobian-experiment run: it has .hydra/ and a log, but trained nothing
         if _is_run_dir(child):
             found.append(child)
         else:

@@ -159,7 +159,8 @@ def build_net(ctx: BenchContext, cfg: DictConfig, input_shape: Sequence[int]) ->
     """The config's network on the device; channels_last (2D inputs) and compiled in place under
     the bench's options, as ``moe_lab.train`` does."""
     torch.manual_seed(0)
-    net = instantiate(cfg.model)(input_shape=tuple(input_shape), num_classes=10).to(ctx.device)
+    net, _ = instantiate(cfg.model)(input_shape=tuple(input_shape), num_classes=10)
+    net = net.to(ctx.device)
     if ctx.options.channels_last and len(input_shape) == 3:
         net = net.to(memory_format=torch.channels_last)
     if ctx.options.compile:

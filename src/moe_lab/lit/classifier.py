@@ -25,7 +25,7 @@ SchedulerFactory = Callable[[Optimizer], Any]
 
 
 class Classifier(L.LightningModule):
-    """Cross-entropy classifier around ``model`` (logits out).
+    """Cross-entropy classifier around the network ``net`` (logits out).
 
     - The loss adds every MoE layer's ``regularization_loss()`` (the seed's Keras regularizers) and
       the routing's auxiliary losses weighted by ``aux_loss_weights`` (name -> weight).
@@ -38,7 +38,8 @@ class Classifier(L.LightningModule):
       ``metrics_path`` is set, to that CSV.
 
     Args:
-        model: the network; ``(B, *input_shape) -> (B, num_classes)``.
+        net: the network; ``(B, *input_shape) -> (B, num_classes)`` (kept as ``self.model``,
+            the checkpoints' key prefix).
         num_classes: number of classes.
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
         scheduler: ``optimizer -> LRScheduler`` or None.
@@ -50,7 +51,7 @@ class Classifier(L.LightningModule):
 
     def __init__(
         self,
-        model: nn.Module,
+        net: nn.Module,
         num_classes: int,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
@@ -63,7 +64,7 @@ class Classifier(L.LightningModule):
             raise ValueError(
                 f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}"
             )
-        self.model = model
+        self.model = net
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -78,7 +79,7 @@ class Classifier(L.LightningModule):
         self.channels_last = channels_last
         # A plain dict: the layers are already registered as submodules of ``model``.
         self.moe_layers: dict[str, MoEBase] = {
-            name: m for name, m in model.named_modules() if isinstance(m, MoEBase)
+            name: m for name, m in net.named_modules() if isinstance(m, MoEBase)
         }
         self._penalized = [m for m in self.moe_layers.values() if m.has_penalties]
 

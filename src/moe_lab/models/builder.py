@@ -1,30 +1,63 @@
-"""``build_model``: the one entry point the configs in ``conf/model/`` instantiate."""
+"""``build_model``: the one entry point the configs in ``conf/model/`` instantiate.
+
+It returns the network together with its facts (:class:`ModelFacts`: parameters, FLOPs, width
+multiplier, what a matched CNN matched), as data the run record copies, never as attributes stuck
+onto the module."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 
 from moe_lab.layers.options import ActivationSpec
 
 from .complexity import count_flops, count_params
-from .matching import MATCH_KINDS, match_width
-from .seed_cnn import INITS, SeedCNN, check_input_shape, check_moe_kwargs
-from .topology import check_width_multiplier, parse_topology
+from .convnet import INITS, ConvNet, check_input_shape, check_moe_kwargs
+from .matching import MATCH_KINDS, WidthMatch, match_width
+from .topology import TopologySpec, check_width_multiplier, parse_topology
 
 BUILD_KINDS = ("cnn", "moe", "cnn_matched")
 
 
 def _plain(value: Any) -> Any:
     """OmegaConf containers (or any Mapping / Sequence) -> plain dicts and lists, so the model
-    and its ``model_info`` never hold config objects."""
+    and its facts never hold config objects."""
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         return [_plain(v) for v in value]
     return value
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a built network is: the run record (``moe_lab.record.RunSummary``) copies these."""
+
+    kind: str
+    name: str
+    n_experts: int | None  # None for the plain CNN; the matched K for cnn_matched
+    width_multiplier: float
+    init: str
+    input_shape: list[int]
+    num_classes: int
+    params: int  # trainable parameters
+    flops_per_example: int  # forward FLOPs of one example (torch.utils.flop_counter)
+    widths: list[int]  # unscaled base widths of the topology (convs..., dense)
+    moe_kwargs: dict[str, Any] | None = None
+    match: str | None = None  # "params" | "flops" for cnn_matched
+    match_target: int | None = None  # the MoE twin's params / FLOPs that were matched
+    match_achieved: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class BuiltModel(NamedTuple):
+    """``build_model``'s result: the network and its facts."""
+
+    net: ConvNet
+    facts: ModelFacts
 
 
 def build_model(
@@ -42,11 +75,11 @@ def build_model(
     match: str = "params",
     match_tolerance: float = 0.01,
     name: str | None = None,
-) -> SeedCNN:
-    """Build the seed CNN, its MoE twin, or a plain CNN widened to match the MoE twin.
+) -> BuiltModel:
+    """Build the original's CNN, its MoE twin, or a plain CNN widened to match the MoE twin.
 
     Args:
-        kind: ``"cnn"`` (the seed's CNN), ``"moe"`` (every conv and the hidden dense become MoE
+        kind: ``"cnn"`` (the original's CNN), ``"moe"`` (every conv and the hidden dense become MoE
             layers) or ``"cnn_matched"`` (a plain CNN whose width multiplier is searched so that
             its trainable parameters, or FLOPs with ``match="flops"``, match those of the
             ``"moe"`` model built from the same arguments).
@@ -61,13 +94,10 @@ def build_model(
         moe_kwargs: extra keywords for every MoE layer.
         match: ``"params"`` or ``"flops"`` (``"cnn_matched"`` only).
         match_tolerance: the largest relative error accepted by the matching.
-        name: the run-naming label from the config; recorded in ``model_info``.
+        name: the run-naming label from the config; recorded in the facts.
 
     Returns:
-        a :class:`SeedCNN` with ``model_info`` (a dict: kind, name, n_experts, width_multiplier,
-        init, input_shape, num_classes, params, moe_kwargs, widths) and, for ``"cnn_matched"``,
-        ``match_info`` (match, width_multiplier, target, achieved, params, flops_per_example,
-        n_experts).
+        :class:`BuiltModel` ``(net, facts)``: the :class:`ConvNet` and its :class:`ModelFacts`.
 
     Shape:
         the model maps ``(B, *input_shape)`` to logits ``(B, num_classes)``.
@@ -98,53 +128,57 @@ def build_model(
         moe_kwargs=moe_kwargs,
     )
 
-    match_info = None
+    matched: dict[str, Any] = {}
     if kind == "cnn_matched":
         if width_multiplier != 1.0:
             raise ValueError(
                 f"kind='cnn_matched' searches the width multiplier itself; drop "
                 f"width_multiplier={width_multiplier:g} (or use kind='cnn' to set it by hand)"
             )
-
-        def measure_of(model: SeedCNN) -> int:
-            return count_params(model) if match == "params" else count_flops(model, shape)
-
-        # Candidate models live on the meta device: shapes only, no memory, no RNG draws.
-        with torch.device("meta"):
-            target = measure_of(SeedCNN(topology=spec, kind="moe", **common))
-
-        def measure(m: float) -> int:
-            with torch.device("meta"):
-                return measure_of(SeedCNN(topology=spec, kind="cnn", width_multiplier=m, **common))
-
-        found = match_width(spec, measure, target, tolerance=tolerance, what=match)
+        found, target = _match_plain_width(spec, common, match, tolerance)
         width_multiplier = found.width_multiplier
-        model = SeedCNN(topology=spec, kind="cnn", width_multiplier=width_multiplier, **common)
-        match_info = {
-            "match": match,
-            "width_multiplier": width_multiplier,
-            "target": target,
-            "achieved": found.achieved,
-            "params": count_params(model),
-            "flops_per_example": count_flops(model, shape),
-            "n_experts": n_experts,
-        }
-    else:
-        model = SeedCNN(topology=spec, kind=kind, width_multiplier=width_multiplier, **common)
+        matched = {"match": match, "match_target": target, "match_achieved": found.achieved}
+    net = ConvNet(
+        topology=spec,
+        kind="cnn" if kind == "cnn_matched" else kind,
+        width_multiplier=width_multiplier,
+        **common,
+    )
 
-    model.model_info = {
-        "kind": kind,
-        "name": name if name is not None else kind,
-        "n_experts": n_experts if kind != "cnn" else None,
-        "width_multiplier": width_multiplier,
-        "init": init,
-        "input_shape": list(shape),
-        "num_classes": num_classes,
-        "params": count_params(model),
-        "match_target": None if match_info is None else match_info["target"],
-        "moe_kwargs": moe_kwargs if kind != "cnn" else None,
-        "widths": list(model.topology.base_widths()),
-    }
-    if match_info is not None:
-        model.match_info = match_info
-    return model
+    facts = ModelFacts(
+        kind=kind,
+        name=name if name is not None else kind,
+        n_experts=n_experts if kind != "cnn" else None,
+        width_multiplier=width_multiplier,
+        init=init,
+        input_shape=list(shape),
+        num_classes=num_classes,
+        params=count_params(net),
+        flops_per_example=count_flops(net, shape),
+        widths=list(net.topology.base_widths()),
+        moe_kwargs=moe_kwargs if kind != "cnn" else None,
+        **matched,
+    )
+    return BuiltModel(net, facts)
+
+
+def _match_plain_width(
+    spec: TopologySpec, common: dict[str, Any], match: str, tolerance: float
+) -> tuple[WidthMatch, int]:
+    """The plain CNN's width multiplier whose params (or FLOPs) match the MoE twin's, and the
+    twin's value. Candidates live on the meta device: shapes only, no memory, no RNG draws."""
+    shape = common["input_shape"]
+
+    def measure_of(model: ConvNet) -> int:
+        return count_params(model) if match == "params" else count_flops(model, shape)
+
+    with torch.device("meta"):
+        target = measure_of(ConvNet(topology=spec, kind="moe", **common))
+
+    def measure(multiplier: float) -> int:
+        with torch.device("meta"):
+            return measure_of(
+                ConvNet(topology=spec, kind="cnn", width_multiplier=multiplier, **common)
+            )
+
+    return match_width(spec, measure, target, tolerance=tolerance, what=match), target

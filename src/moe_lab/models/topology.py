@@ -1,4 +1,4 @@
-"""The seed CNN's topology as data: parsing, validation, width scaling and spatial-size tracking.
+"""The CNN's topology as data: parsing, validation, width scaling and spatial-size tracking.
 
 A topology (usually ``${data.topology}`` from the dataset config) looks like::
 
@@ -256,7 +256,7 @@ class ConvGeometry:
 def conv_geometry(
     input_size: tuple[int, ...], kernel_size: tuple[int, ...], padding: PaddingSpec
 ) -> ConvGeometry:
-    """Keras output length of a stride-1, dilation-1 conv (SPEC 1.2)."""
+    """Keras output length of a stride-1, dilation-1 conv (valid: n - k + 1; same: n)."""
     ones = (1,) * len(input_size)
     pads = pad_amounts(padding, input_size, kernel_size, ones, ones)
     return ConvGeometry(input_size, pads, output_size(input_size, pads, kernel_size, ones, ones))

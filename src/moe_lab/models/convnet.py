@@ -1,7 +1,8 @@
-"""The seed's CIFAR CNN (Keras ``cifar10_cnn``) for 1D, 2D and 3D inputs, and its MoE twin."""
+"""The original's CIFAR CNN (Keras ``cifar10_cnn``) for 1D, 2D and 3D inputs, and its MoE twin."""
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -69,8 +70,8 @@ def check_moe_kwargs(moe_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     return kwargs
 
 
-class SeedCNN(nn.Module):
-    """The seed's CIFAR CNN topology (SPEC 1.3) for 1D/2D/3D inputs, plain or mixture-of-experts.
+class ConvNet(nn.Module):
+    """The CIFAR CNN of the original (Keras' cifar10_cnn example) for 1D/2D/3D inputs, plain or MoE.
 
     ``kind="cnn"``: per block ``[Conv, ReLU] * n, MaxPool, Dropout``; then ``Flatten,
     Linear(dense_units), ReLU, Dropout, Linear(num_classes)``.
@@ -89,11 +90,11 @@ class SeedCNN(nn.Module):
         kind: ``"cnn"`` or ``"moe"``.
         n_experts: experts per MoE layer (K), used by ``kind="moe"``.
         expert_activation, gating_activation: of every MoE layer (``"relu"``, ``"softmax"`` as in
-            the seed demo).
+            the original's demo).
         width_multiplier: scales every conv's channels and the hidden dense width (rounded half
             up, at least 1).
         init: ``"keras"`` (Glorot-uniform kernels, zero biases) or ``"torch"`` (PyTorch defaults)
-            for the plain convs and linears; MoE layers keep the seed's init.
+            for the plain convs and linears; MoE layers keep the original's init.
         moe_kwargs: extra keywords for every MoE layer (regularizers, constraints, routing...).
 
     Shape:
@@ -139,6 +140,21 @@ class SeedCNN(nn.Module):
             **check_moe_kwargs(moe_kwargs),
         )
 
+        features, channels = self._conv_blocks(spec, geometry, moe_layer_kwargs)
+        self.features = nn.Sequential(features)
+        flat_features = channels * math.prod(final_size)
+        self.classifier = nn.Sequential(
+            self._dense_head(flat_features, spec, num_classes, moe_layer_kwargs)
+        )
+
+        if init == "keras":
+            self._keras_init()
+
+    def _conv_blocks(
+        self, spec: TopologySpec, geometry: list, moe_layer_kwargs: dict[str, Any]
+    ) -> tuple[OrderedDict[str, nn.Module], int]:
+        """Per block ``[Conv, ReLU] * n, MaxPool, Dropout`` (MoE convs replace Conv + ReLU);
+        returns the modules and the last block's channels."""
         d = self.ndim
         features: OrderedDict[str, nn.Module] = OrderedDict()
         channels = self.input_shape[0]
@@ -147,7 +163,7 @@ class SeedCNN(nn.Module):
                 zip(block.channels, block.kernel_sizes, block.paddings, convs, strict=True)
             ):
                 name = f"block{i}_conv{j}"
-                if kind == "moe":
+                if self.kind == "moe":
                     features[name] = _CONV_MOE[d](
                         channels,
                         out_channels,
@@ -170,13 +186,18 @@ class SeedCNN(nn.Module):
                 features[f"block{i}_pool"] = _POOL[d](block.pool, stride=block.pool)
             if block.dropout > 0:
                 features[f"block{i}_dropout"] = nn.Dropout(block.dropout)
-        self.features = nn.Sequential(features)
+        return features, channels
 
-        flat_features = channels
-        for n in final_size:
-            flat_features *= n
+    def _dense_head(
+        self,
+        flat_features: int,
+        spec: TopologySpec,
+        num_classes: int,
+        moe_layer_kwargs: dict[str, Any],
+    ) -> OrderedDict[str, nn.Module]:
+        """``Flatten, Dense(dense_units) [+ ReLU], Dropout, Linear(num_classes)``."""
         classifier: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
-        if kind == "moe":
+        if self.kind == "moe":
             classifier["dense"] = DenseMoE(flat_features, spec.dense_units, **moe_layer_kwargs)
         else:
             classifier["dense"] = nn.Linear(flat_features, spec.dense_units)
@@ -184,10 +205,7 @@ class SeedCNN(nn.Module):
         if spec.dense_dropout > 0:
             classifier["dropout"] = nn.Dropout(spec.dense_dropout)
         classifier["head"] = nn.Linear(spec.dense_units, num_classes)
-        self.classifier = nn.Sequential(classifier)
-
-        if init == "keras":
-            self._keras_init()
+        return classifier
 
     def _keras_init(self) -> None:
         """Glorot-uniform kernels and zero biases for the plain convs and linears (Keras'
@@ -205,7 +223,7 @@ class SeedCNN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != self.ndim + 2 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
-                f"SeedCNN was built for inputs (B, {', '.join(map(str, self.input_shape))}), got "
+                f"ConvNet was built for inputs (B, {', '.join(map(str, self.input_shape))}), got "
                 f"shape {tuple(x.shape)}; build it with input_shape={tuple(x.shape[1:])}"
             )
         return self.classifier(self.features(x))
