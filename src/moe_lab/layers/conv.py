@@ -354,6 +354,15 @@ class _ConvNdMoE(MoEBase):
             hidden = hidden.movedim(1, -1).unflatten(-1, (out, k))  # (B, *S', out, K), a view
             hidden = self.expert_activation(hidden, -1)
             return (hidden * gates.view(batch, *([1] * self.ndim), out, k)).sum(-1).movedim(-1, 1)
+        act = self.expert_activation
+        fused = act.is_identity or act.fn is torch.relu
+        if (
+            fused
+            and hidden.numel() > 0
+            and hidden.is_contiguous()
+            and not routing.in_functorch_transform(hidden, gates)
+        ):
+            return dispatch.activate_and_mix(hidden, gates, relu=not act.is_identity)
         hidden = hidden.unflatten(1, (out, k))  # (B, out, K, *S'), a view
         hidden = self.expert_activation(hidden, 2)
         return (hidden * gates.view(batch, out, k, *([1] * self.ndim))).sum(2)
