@@ -362,6 +362,7 @@ class _ConvNdMoE(MoEBase):
             fused
             and hidden.numel() > 0
             and hidden.is_contiguous()
+            and not torch.compiler.is_compiling()
             and not routing.in_functorch_transform(hidden, gates)
         ):
             return dispatch.activate_and_mix(

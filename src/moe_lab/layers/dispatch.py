@@ -263,7 +263,8 @@ class _ActivateAndMix(torch.autograd.Function):
       the convolution's own time.
 
     First-order only (no double backward). The caller keeps autograd's composition where this
-    does not apply (other activations, channels_last layouts, torch.func transforms).
+    does not apply (other activations, channels_last layouts, torch.func transforms) and under
+    ``torch.compile``, whose compiler fuses the composition itself.
     """
 
     @staticmethod
@@ -275,10 +276,10 @@ class _ActivateAndMix(torch.autograd.Function):
         grad_buffer: GradBuffer | None,
     ) -> tuple[Tensor, ...]:
         batch, groups, k = gates.shape
-        rows = hidden.view(batch * groups, k, -1)  # (B*G, K, P), a view
         if relu:
-            rows.relu_()
+            hidden.relu_()
             ctx.mark_dirty(hidden)
+        rows = hidden.view(batch * groups, k, -1)  # (B*G, K, P), a view
         g = gates.to(hidden.dtype).reshape(batch * groups, 1, k)
         y = torch.bmm(g, rows).view(batch, groups, *hidden.shape[2:])
         ctx.save_for_backward(hidden, g)
