@@ -20,6 +20,7 @@ import pytest
 
 from conftest import REPO_ROOT, cli_env
 from moe_lab import config
+from moe_lab.analysis.jacobian import JacobianRecord
 from moe_lab.config import CONFIG_DIR_ENV, config_dir_problem
 
 # Top-level entries of the checkout that a build never needs (outputs, caches, other tools').
@@ -74,6 +75,14 @@ def test_config_dir_problems_say_what_to_do(
     monkeypatch.setattr(Path, "open", unreadable)
     problem = config_dir_problem("train", tmp_path / "ok")
     assert problem.startswith(f"config dir {tmp_path / 'ok'} is not readable (Permission denied)")
+
+
+def test_compose_config_reports_the_same_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    with pytest.raises(config.ConfigError, match=r"has no train\.yaml; reinstall moe_lab"):
+        config.compose_config([])
 
 
 def test_bad_env_config_dir_is_one_line_before_hydra(tmp_path: Path) -> None:
@@ -186,14 +195,9 @@ def test_installed_commands_train_report_and_run_the_jacobian(installed: dict[st
         f"hydra.run.dir={cwd / 'jacobian_run'}",
     )
     assert jac.returncode == 0, jac.stderr[-3000:]
-    check = _run(
-        installed,
-        sys.executable,
-        "-c",
-        "from moe_lab.analysis.jacobian import JacobianRecord; "
-        f"r = JacobianRecord.read({str(cwd / 'jacobian_run')!r}); print(sorted(r.models))",
-    )
-    assert check.stdout.split("\n")[0] == "['dense_relu', 'moe_K1', 'moe_K2']", check.stderr
+    record = JacobianRecord.read(cwd / "jacobian_run")
+    assert sorted(record.models) == ["dense_relu", "moe_K1", "moe_K2"]
+    assert record.settings.width == 4
 
 
 def _readme_block(marker: str) -> str:

@@ -183,10 +183,9 @@ def compose_config(
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
-        raise ConfigError(
-            f"config dir {CONFIG_DIR} has no {config_name}.yaml; set MOE_LAB_CONFIG_DIR"
-        )
+    problem = config_dir_problem(config_name)
+    if problem is not None:
+        raise ConfigError(problem)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name, overrides=list(overrides or []), return_hydra_config=True)
     if output_dir is None:
