@@ -64,7 +64,8 @@ def assemble_run(cfg: DictConfig, **trainer_overrides: Any) -> RunParts:
     at run time (e.g. no progress bar inside a sweep); everything else comes from ``cfg``.
     """
     set_process_options(cfg)
-    datamodule = instantiate(cfg.data, _convert_="all")
+    # test=false (a comparison's tuning trial): the data module never loads the test split
+    datamodule = instantiate(cfg.data, _convert_="all", load_test=bool(cfg.get("test", True)))
     module, facts = build_module(cfg, datamodule)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
