@@ -24,6 +24,7 @@ from hydra.types import RunMode
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from moe_lab import console
 from moe_lab.assembly import RunParts, assemble_run
 from moe_lab.config import (
     CONFIG_DIR,
@@ -34,6 +35,7 @@ from moe_lab.config import (
 )
 from moe_lab.layers import MoEBase
 from moe_lab.lit import DivergedError
+from moe_lab.lit.loggers import log_final_record
 from moe_lab.models import ModelFacts
 from moe_lab.record import METRICS_FILE, SUMMARY_FILE, RunSummary
 from moe_lab.utils.io import atomic_write_json, atomic_write_text
@@ -165,6 +167,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = _initial_summary(cfg, run_dir)
+    console.start_run(cfg, run_dir)  # noise filters, config tree to the run's log
     start = time.perf_counter()
     parts: RunParts | None = None
     try:
@@ -186,10 +189,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             # that validation chose; without one (the original's protocol) validation IS the
             # test set.
             held_out = float(cfg.data.get("val_split", 0.0) or 0.0) > 0
+            # fast_dev_run (or no checkpoint callback) saves no best checkpoint to test
+            has_best = not parts.trainer.fast_dev_run and parts.trainer.checkpoint_callback
             parts.trainer.test(
                 parts.module,
                 datamodule=parts.datamodule,
-                ckpt_path="best" if held_out else None,
+                ckpt_path="best" if held_out and has_best else None,
                 weights_only=True,
                 verbose=False,
             )
@@ -220,7 +225,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary.wall_time_s = round(time.perf_counter() - start, 3)
         summary.segments += 1
         if _is_main_process():  # DDP's other ranks run this function too
+            if parts is not None:  # the final record in each tracker's own place
+                log_final_record(parts.trainer.loggers, summary)
             atomic_write_json(run_dir / SUMMARY_FILE, summary.to_dict())
+            console.end_run(summary.to_dict())  # the end-of-run line
     return summary.to_dict()
 
 
