@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from moe_lab.analysis.compare_report import MARKER, write_compare_report
+from moe_lab.analysis.tracker_report import log_report_run_if_wandb
 
 _PREFIX = "[moe_lab compare]"
 
@@ -63,6 +64,8 @@ class CompareReportCallback(Callback):
             )
             raise SystemExit(1) from None
         _print_report(report)
+        if log_report_run_if_wandb(config, comparison_dir) is not None:
+            print(f"{_PREFIX} W&B: the report is a job_type=report run in {comparison_dir}/wandb")
         if report.problems and self.fail_on_bad_runs:
             raise SystemExit(1)
 
