@@ -1,4 +1,5 @@
-"""Training callbacks and plugins: divergence detection and atomic checkpoint writes."""
+"""Training callbacks and plugins: divergence detection, atomic checkpoint writes, checkpoints that
+survive a moved run dir."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from moe_lab.utils.io import atomic_write
@@ -118,3 +120,39 @@ class EpochSeeder(L.Callback):
         random.seed(epoch_seed)
         np.random.seed(epoch_seed)
         torch.manual_seed(epoch_seed)
+
+
+class ModelCheckpoint(_LightningModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that a run dir that was moved or copied resumes with
+    its best checkpoint and best score.
+
+    Lightning forgets ``best_model_score`` (and the top-k bookkeeping) when the checkpoint's
+    ``dirpath`` differs from the current one, so the first resumed epoch would overwrite
+    ``best.ckpt`` whatever its score. Here the recorded paths are moved to the new dir first:
+    the files kept their names, only the folder changed.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old = state_dict.get("dirpath")
+        if old is not None and self.dirpath is not None and old != self.dirpath:
+            state_dict = relocate_checkpoint_state(state_dict, old, self.dirpath)
+        super().load_state_dict(state_dict)
+
+
+def relocate_checkpoint_state(state: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    """ModelCheckpoint's state with every path under ``old`` moved under ``new``."""
+
+    def move(path: Any) -> Any:
+        if not isinstance(path, str) or not path:
+            return path
+        rel = os.path.relpath(path, old)
+        return path if rel.startswith("..") else os.path.join(new, rel)
+
+    moved = dict(state)
+    moved["dirpath"] = new
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if key in moved:
+            moved[key] = move(moved[key])
+    if isinstance(moved.get("best_k_models"), dict):
+        moved["best_k_models"] = {move(k): v for k, v in moved["best_k_models"].items()}
+    return moved
