@@ -106,7 +106,12 @@ def _differences(original: Any, current: Any, prefix: str) -> list[str]:
                 continue
             out += _differences(original.get(key), current.get(key), f"{prefix}.{key}")
         return out
-    return [] if original == current else [f"{prefix}: {original!r} -> {current!r}"]
+    return [] if original == current else [f"{prefix}: {_short(original)} -> {_short(current)}"]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _load_checkpoint_or_refuse(ckpt: Path, resume: Any) -> dict[str, Any]:

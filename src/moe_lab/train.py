@@ -319,14 +319,15 @@ def _sweep_varying_keys() -> set[str] | None:
     overrides = list(hc.overrides.task)
     with contextlib.suppress(OSError, ValueError):
         recorded = OmegaConf.load(Path(hc.sweep.dir) / "multirun.yaml").hydra
-        overrides = list(recorded.overrides.task) + [
-            f"{k}={v}" for k, v in (recorded.sweeper.get("params") or {}).items()
-        ]
+        # the config's sweeper params first: the command line overrides them, key by key
+        overrides = [f"{k}={v}" for k, v in (recorded.sweeper.get("params") or {}).items()]
+        overrides += list(recorded.overrides.task)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception:  # an override Hydra accepted but this parser does not: name by all
         return None
-    return {o.key_or_group for o in parsed if o.is_sweep_override()}
+    last = {o.key_or_group: o for o in parsed}
+    return {key for key, o in last.items() if o.is_sweep_override()}
 
 
 def run_name(cfg: DictConfig, summary: RunSummary) -> str:
@@ -615,11 +616,11 @@ def main(cfg: DictConfig) -> float | None:
         if not _is_multirun():
             sys.exit(2)
         return None
-    if summary["status"] == "interrupted" and _is_multirun():
-        # in the launching process (basic launcher) the sweep stops here; a joblib worker returns
-        # and starts no further job, and the launching process exits once its workers are done
-        if os.environ.get(_SWEEP_PID_ENV, str(os.getpid())) == str(os.getpid()):
-            raise SystemExit(_exit_code(summary))
+    # in the launching process (basic launcher) the sweep stops here; a joblib worker returns
+    # and starts no further job, and the launching process exits once its workers are done
+    in_launcher = os.environ.get(_SWEEP_PID_ENV, str(os.getpid())) == str(os.getpid())
+    if summary["status"] == "interrupted" and _is_multirun() and in_launcher:
+        raise SystemExit(_exit_code(summary))
     if summary["status"] != "completed" and not _is_multirun():
         print(
             f"error: run {summary['status']}: {summary['error_type']}: {summary['error_message']} "
