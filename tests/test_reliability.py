@@ -120,7 +120,7 @@ def test_resume_refuses_a_different_experiment(tmp_path: Path, data_dir: Path) -
     again = compose_train(
         ["data=digits", "model=cnn", "logger=none", f"resume={run_dir}"], run_dir, data_dir
     )
-    with pytest.raises(ResumeRefused, match="started with different .*model"):
+    with pytest.raises(ResumeRefused, match=r"started with different .*model"):
         train(again)
     # the refusal leaves the run's record as it was
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
