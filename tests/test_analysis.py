@@ -536,22 +536,25 @@ def test_single_seed_groups_have_undefined_se_and_test(tmp_path: Path) -> None:
     assert summary.loc["moe K=2", "diff"] == pytest.approx(0.1)
 
 
-def test_group_with_varying_overrides_is_flagged(tmp_path: Path) -> None:
+def test_a_swept_override_splits_groups_instead_of_pooling_as_seeds(tmp_path: Path) -> None:
+    # Two learning rates x 2 seeds: four runs that used to be one group of n=4 with a warning.
     sweep = tmp_path / "sweep"
-    for seed in range(2):
+    accs = {("0.001", 0): 0.50, ("0.001", 1): 0.52, ("0.003", 0): 0.70, ("0.003", 1): 0.74}
+    for job, ((lr, seed), acc) in enumerate(accs.items()):
         summary = write_run(
-            sweep / str(seed),
-            model="cnn",
-            data="d",
-            seed=seed,
-            n_experts=None,
-            val_accs=[0.5],
-            test_acc=0.5,
-        )
-        summary["overrides"] = [f"seed={seed}", f"optimizer.lr={10.0 ** -(seed + 3)}"]
-        (sweep / str(seed) / "summary.json").write_text(json.dumps(summary))
-    row = summarize(load_runs(sweep)).iloc[0]
-    assert "overrides differ inside this group: ['optimizer.lr']" in row["warning"]
+            sweep / str(job), model="cnn", data="d", seed=seed, n_experts=None,
+            val_accs=[acc], test_acc=acc,
+        )  # fmt: skip
+        summary["overrides"] = [f"seed={seed}", f"optimizer.lr={'3e-3' if lr == '0.003' else lr}"]
+        (sweep / str(job) / "summary.json").write_text(json.dumps(summary))
+    summary = summarize(load_runs(sweep)).set_index("group")
+    # 3e-3 and 0.003 are one value
+    assert sorted(summary.index) == ["cnn optimizer.lr=0.001", "cnn optimizer.lr=0.003"]
+    for lr in ("0.001", "0.003"):
+        row = summary.loc[f"cnn optimizer.lr={lr}"]
+        values = [acc for (lr_, _), acc in accs.items() if lr_ == lr]
+        assert row["n"] == 2 and row["seeds"] == "0 1" and row["warning"] == ""
+        assert row["test_acc_mean"] == pytest.approx(sum(values) / 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -576,7 +579,7 @@ def test_plot_curves_draws_mean_and_se_of_raw_curves(sweep: Path, tmp_path: Path
     axes = [a for a in figure.axes if a.get_title()]
     assert sorted(a.get_title() for a in axes) == ["data: digits", "data: mnist1d"]
     mnist = next(a for a in axes if a.get_title() == "data: mnist1d")
-    assert mnist.get_xlabel() == "epoch" and mnist.get_ylabel() == "validation accuracy"
+    assert mnist.get_xlabel() == "epoch" and mnist.get_ylabel() == "validation accuracy (%)"
     labels = [t.get_text() for t in mnist.get_legend().get_texts()]
     assert labels == ["cnn (n=4)", "cnn_matched (n=4)", "moe K=2 (n=4)"]
     moe_line = mnist.get_lines()[labels.index("moe K=2 (n=4)")]
@@ -589,12 +592,15 @@ def test_plot_curves_draws_mean_and_se_of_raw_curves(sweep: Path, tmp_path: Path
     assert len(raw) == N_SEEDS
     stacked = np.stack(raw)
     np.testing.assert_array_equal(moe_line.get_xdata(), np.arange(1, 6))  # 1-based epochs
-    np.testing.assert_allclose(moe_line.get_ydata(), stacked.sum(axis=0) / N_SEEDS, rtol=1e-12)
+    # drawn in %, as the tables show accuracies
+    np.testing.assert_allclose(
+        moe_line.get_ydata(), 100 * stacked.sum(axis=0) / N_SEEDS, rtol=1e-12
+    )
     # the SE band's upper edge: mean + std(ddof=1)/sqrt(n)
     band = mnist.collections[labels.index("moe K=2 (n=4)")]
     upper = band.get_paths()[0].vertices[:, 1].max()
     se = np.sqrt(((stacked - stacked.mean(0)) ** 2).sum(0) / (N_SEEDS - 1)) / np.sqrt(N_SEEDS)
-    assert upper == pytest.approx((stacked.mean(0) + se).max(), rel=1e-9)
+    assert upper == pytest.approx(100 * (stacked.mean(0) + se).max(), rel=1e-9)
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,5 +1,6 @@
-"""conf/data/*.yaml: one per dataset, Hydra-instantiable, and a topology whose spatial sizes stay
-positive through every conv and pool (Keras valid/same lengths, computed here)."""
+"""conf/data/*.yaml: one per dataset (plus the shared ``_base``), Hydra-instantiable, and a topology
+whose spatial sizes stay positive through every conv and pool (Keras valid/same lengths, computed
+here)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,43 @@ import math
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from moe_lab.config import CONFIG_DIR
 from moe_lab.data import DATASETS
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+CONF = CONFIG_DIR / "data"
 
 
 def load_config(name: str, data_dir: Path):
-    config = OmegaConf.create({"paths": {"data_dir": str(data_dir)}, "seed": 3})
-    config.data = OmegaConf.load(CONF / f"{name}.yaml")
-    return config
+    """The training config with ``data=name``, composed as ``moe_lab.train`` composes it."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=[f"data={name}", f"paths.data_dir={data_dir}", "seed=3"])
 
 
 def test_one_config_per_dataset():
-    assert {path.stem for path in CONF.glob("*.yaml")} == set(DATASETS)
+    presets = {path.stem for path in CONF.glob("*.yaml") if not path.name.startswith("_")}
+    assert presets == set(DATASETS)
+
+
+def test_presets_share_the_loader_keys_from_the_base(tmp_path):
+    """The shared keys are written once, in _base.yaml, and reach every dataset."""
+    base = OmegaConf.to_container(OmegaConf.load(CONF / "_base.yaml"))
+    for name in DATASETS:
+        data = OmegaConf.to_container(load_config(name, tmp_path).data)  # unresolved
+        for key in base:
+            if key != "augment":  # the image datasets turn on the original's shifts and flips
+                assert data[key] == base[key], (name, key)
+        own = OmegaConf.load(CONF / f"{name}.yaml")
+        assert not set(own) & (set(base) - {"augment"}), f"{name}.yaml repeats a base key"
+    cifar100 = OmegaConf.load(CONF / "cifar100.yaml")
+    assert set(cifar100) == {"defaults", "_target_"}  # cifar10 with another datamodule
+    c10, c100 = (
+        OmegaConf.to_container(load_config(n, tmp_path).data) for n in ("cifar10", "cifar100")
+    )
+    assert {k for k in c10 if c10[k] != c100[k]} == {"_target_"}
 
 
 @pytest.mark.parametrize("name", sorted(DATASETS))
@@ -38,7 +60,7 @@ def test_config_instantiates_the_datamodule(name, tmp_path):
 
 
 def keras_length(n: int, kernel: int, padding: str) -> int:
-    """Keras conv output length, stride 1, dilation 1 (SPEC 1.2)."""
+    """Keras conv output length, stride 1, dilation 1."""
     if padding == "same":
         return n
     if padding == "valid":
@@ -79,8 +101,9 @@ def test_topology_sizes_stay_positive(name, tmp_path):
     assert datamodule.topology["dense_units"] >= 1 and 0 <= datamodule.topology["dense_dropout"] < 1
 
 
-def test_cifar10_topology_is_the_convnet(tmp_path):
-    """With the seed's layers (Keras Conv/Dense params), the topology gives SPEC 1.3's count."""
+def test_cifar10_topology_is_the_original_cnn(tmp_path):
+    """With the original's layers (Keras Conv/Dense params), the topology gives the original CNN's
+    1,250,858 parameters."""
     topology = instantiate(load_config("cifar10", tmp_path).data).topology
     channels, params = 3, 0
     for block in topology["blocks"]:

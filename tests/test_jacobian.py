@@ -1,4 +1,5 @@
-"""The Jacobian-spectrum experiment (``python -m moe_lab.jacobian``) and its spectrum statistics.
+"""The Jacobian-spectrum experiment (``python -m moe_lab.jacobian``, computed in
+:mod:`moe_lab.analysis.jacobian`), its record ``jacobian.json`` and its spectrum statistics.
 
 The reference throughout is independent of the code under test: NumPy SVDs of Jacobians built by
 central finite differences, in float64, of a forward pass written here from the models' weights.
@@ -19,14 +20,22 @@ import pandas as pd
 import pytest
 import torch
 
-from moe_lab import jacobian
+from moe_lab.analysis import find_run_dirs, load_runs
+from moe_lab.analysis.jacobian import (
+    JacobianRecord,
+    JacobianSettings,
+    ModelEntry,
+    SpectrumStats,
+    build_models,
+    run_experiment,
+    sample_inputs,
+)
 from moe_lab.analysis.spectrum import (
     condition_number,
     effective_rank,
     mean_spectrum,
     numerical_rank,
 )
-from moe_lab.jacobian import JacobianSettings, build_models, run_experiment, sample_inputs
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -34,8 +43,8 @@ EPS32 = float(np.finfo(np.float32).eps)
 SMALL = {"n_inputs": 5, "width": 8, "n_experts": (1, 3, 20), "seed": 3}
 
 
-def _run_app(*overrides: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline"}
+def _run_app(*overrides: str, cwd: Path, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline", **env_extra}
     return subprocess.run(
         [sys.executable, "-m", "moe_lab.jacobian", *overrides],
         cwd=cwd,
@@ -71,8 +80,8 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def _reference_forward(entry: jacobian.ModelEntry):
-    """The model's map x (in,) -> y (out,) in float64 NumPy, written from the seed's equation."""
+def _reference_forward(entry: ModelEntry):
+    """The model's map x (in,) -> y (out,) in float64 NumPy, written from the original's equation."""
     if entry.n_experts is None:
         w = entry.module.linear.weight.detach().double().numpy()  # (out, in)
         b = entry.module.linear.bias.detach().double().numpy()
@@ -127,8 +136,8 @@ def _ref_numerical_rank(s: np.ndarray, width: int) -> int:
     return int(np.sum(s > s.max() * width * EPS32))
 
 
-def test_summary_matches_finite_differences(small_run: Path, reference: dict) -> None:
-    summary = json.loads((small_run / "summary.json").read_text())
+def test_record_matches_finite_differences(small_run: Path, reference: dict) -> None:
+    summary = json.loads((small_run / "jacobian.json").read_text())
     width, n = SMALL["width"], SMALL["n_inputs"]
     assert set(summary["models"]) == {"dense_relu", "moe_K1", "moe_K3", "moe_K20"}
     for label, s in reference.items():
@@ -151,7 +160,7 @@ def test_summary_matches_finite_differences(small_run: Path, reference: dict) ->
             statistics.stdev([_ref_numerical_rank(row, width) for row in s]) / math.sqrt(n),
             abs=1e-9,
         )
-    # the seed's point, at this size: the ReLU layer loses rank, the K=20 mixture keeps it
+    # the original's point, at this size: the ReLU layer loses rank, the K=20 mixture keeps it
     assert summary["models"]["dense_relu"]["numerical_rank"] < width
     assert summary["models"]["moe_K20"]["numerical_rank"] == width
 
@@ -184,19 +193,48 @@ def test_spectra_csv_matches_finite_differences(small_run: Path, reference: dict
 
 def test_app_writes_the_three_files(small_run: Path) -> None:
     assert (small_run / "spectra.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    summary = json.loads((small_run / "summary.json").read_text())  # strict JSON: no inf / NaN
-    assert summary["config"]["n_experts"] == list(SMALL["n_experts"])
-    assert summary["config"]["width"] == SMALL["width"]
-    assert "n_inputs=5" in summary["overrides"]
-    assert summary["wall_time_s"] > 0
+    record = json.loads((small_run / "jacobian.json").read_text())  # strict JSON: no inf / NaN
+    assert record["experiment"] == "jacobian"
+    assert record["settings"]["n_experts"] == list(SMALL["n_experts"])
+    assert record["settings"]["width"] == SMALL["width"]
+    assert "n_inputs=5" in record["overrides"]
+    assert record["wall_time_s"] > 0
+    assert not (small_run / "summary.json").exists()  # that name is a training run's record
     assert not list(small_run.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_record_reads_back_into_its_types(small_run: Path) -> None:
+    record = JacobianRecord.read(small_run)
+    raw = json.loads((small_run / "jacobian.json").read_text())
+    assert record.settings == JacobianSettings(**{**SMALL, "n_experts": SMALL["n_experts"]})
+    assert set(record.models) == set(raw["models"])
+    for label, stats in record.models.items():
+        assert isinstance(stats, SpectrumStats)
+        assert stats.numerical_rank == raw["models"][label]["numerical_rank"]
+    assert record.to_dict() == raw  # what was written is exactly what the type writes
+    # every statistic is defined in the file, from the one definition
+    assert set(raw["definitions"]) == set(SpectrumStats.__dataclass_fields__)
+    with pytest.raises(ValueError, match="not a Jacobian record"):
+        JacobianRecord.from_dict({**raw, "experiment": "mnist1d"})
+    broken = {**raw, "models": {"moe_K1": {"model": "moe"}}}
+    with pytest.raises(ValueError, match="moe_K1"):
+        JacobianRecord.from_dict(broken)
+
+
+def test_sweep_reader_does_not_take_a_jacobian_run_for_a_training_run(small_run: Path) -> None:
+    # the run dir has .hydra/ and a log file, which mark a training job dir for the sweep reader
+    assert (small_run / ".hydra").is_dir()
+    assert find_run_dirs(small_run.parent) == []
+    assert find_run_dirs(small_run) == []
+    with pytest.raises(ValueError, match="no runs"):
+        load_runs(small_run.parent)
 
 
 def test_bad_config_fails_naming_the_key(tmp_path: Path) -> None:
     proc = _run_app("n_experts=[0]", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode != 0
     assert "n_experts" in proc.stderr and "got 0" in proc.stderr
-    assert not (tmp_path / "run" / "summary.json").exists()
+    assert not (tmp_path / "run" / "jacobian.json").exists()
 
 
 @pytest.mark.parametrize(
@@ -222,10 +260,15 @@ def test_settings_reject_bad_values(key: str, value: object) -> None:
         JacobianSettings(**{key: value})
 
 
-def test_missing_conf_dir_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(jacobian, "CONFIG_DIR", tmp_path / "conf")
-    with pytest.raises(FileNotFoundError, match=r"jacobian\.yaml"):
-        jacobian.main()
+def test_missing_conf_dir_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    proc = _run_app(cwd=tmp_path, MOE_LAB_CONFIG_DIR=str(tmp_path / "conf"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: MOE_LAB_CONFIG_DIR={tmp_path / 'conf'} has no jacobian.yaml; point "
+        "MOE_LAB_CONFIG_DIR at a copy of moe_lab's conf/ dir, or unset it to use the configs "
+        "installed with moe_lab"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,8 +345,8 @@ def test_run_restores_torch_threads() -> None:
 def test_tanh_experts_give_full_rank_even_with_one_expert() -> None:
     # tanh never switches a unit off, so even K=1 keeps every direction: the rank loss is ReLU's
     result = run_experiment(n_inputs=4, width=10, n_experts=(1,), expert_activation="tanh")
-    assert result.models["moe_K1"]["numerical_rank"] == 10
-    assert result.models["dense_relu"]["numerical_rank"] < 10
+    assert result.models["moe_K1"].numerical_rank == 10
+    assert result.models["dense_relu"].numerical_rank < 10
 
 
 # ---------------------------------------------------------------------------------------------

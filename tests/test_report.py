@@ -339,16 +339,21 @@ def test_cli_clean_sweep_prints_paths_and_exits_0(
         str(sweep / "summary.csv"),
         str(sweep / "report.md"),
         str(sweep / "curves.png"),
+        str(sweep / "curves.svg"),
     ]
 
 
-def test_cli_failed_and_diverged_runs_are_results_not_errors(
+def test_cli_failed_and_diverged_runs_are_listed_and_exit_non_zero(
     sweep: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for name in ("14_model=moe,seed=6", "15_model=moe,seed=7"):  # the partial and missing jobs
         shutil.rmtree(sweep / name)
     code, _, err = run_main(capsys, str(sweep), "--baseline", "cnn")
-    assert code == 0 and err == ""
+    assert code == 2
+    assert err.strip().endswith(
+        "2 of 20 jobs did not complete (1 diverged, 1 failed): 12_model=moe,seed=4 (failed), "
+        f"13_model=moe,seed=5 (diverged); the report lists them, see {sweep / 'report.md'}"
+    )
     assert "### Welch's t-test against `cnn` on test accuracy" in (sweep / "report.md").read_text()
 
 
@@ -365,7 +370,8 @@ def test_cli_failed_and_diverged_runs_are_results_not_errors(
         ),
         (
             "partial_run",
-            r"error: 2 of 22 job dirs lack a valid summary\.json: "
+            r"error: 4 of 22 jobs did not complete \(1 diverged, 1 failed, 1 missing, 1 partial\): "
+            r"12_model=moe,seed=4 \(failed\), 13_model=moe,seed=5 \(diverged\), "
             r"14_model=moe,seed=6 \(partial\), 15_model=moe,seed=7 \(missing\)",
         ),
     ],
@@ -432,10 +438,10 @@ def test_cli_summary_with_missing_fields(
     )
     assert "warning:" in warning
     assert error.endswith(
-        f"1 of 13 job dirs lack a valid summary.json: 99_broken (invalid); "
+        f"1 of 13 jobs did not complete (1 invalid): 99_broken (invalid); "
         f"the report lists them, see {sweep / 'report.md'}"
     )
-    assert len(out.split()) == 3  # the report is still written, listing the broken run
+    assert len(out.split()) == 4  # the report is still written, listing the broken run
     assert "missing fields ['test_acc']" in (sweep / "report.md").read_text()
 
 
@@ -482,7 +488,7 @@ def test_callback_exits_1_after_writing_report_when_runs_failed(
     assert "4 of 22 runs did not complete (1 diverged, 1 failed, 1 missing, 1 partial)" in err
 
 
-def test_callback_report_failure_does_not_mask_sweep_result(
+def test_callback_report_failure_exits_non_zero_with_the_reason(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import moe_lab.analysis.callbacks as callbacks
@@ -492,14 +498,18 @@ def test_callback_report_failure_does_not_mask_sweep_result(
 
     monkeypatch.setattr(callbacks, "write_report", broken_report)
     clean = make_sweep(tmp_path / "clean", with_bad_runs=False, with_digits=False)
-    SweepReportCallback().on_multirun_end(_config(clean))  # no exit: every run completed
-    assert (
-        "could not write the report (RuntimeError: matplotlib exploded)" in capsys.readouterr().err
-    )
+    with pytest.raises(SystemExit) as exit_info:  # every run completed, but there is no report
+        SweepReportCallback().on_multirun_end(_config(clean))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "could not write the report (RuntimeError: matplotlib exploded)" in err
+    assert f"rebuild it with: python -m moe_lab.report {clean}" in err
     bad = make_sweep(tmp_path / "bad", with_digits=False)
     with pytest.raises(SystemExit) as exit_info:
         SweepReportCallback().on_multirun_end(_config(bad))
     assert exit_info.value.code == 1
+    # the runs' own outcome is still said
+    assert "4 of 16 runs did not complete" in capsys.readouterr().err
 
 
 HYDRA_APP = """

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -13,20 +15,67 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import moe_lab.utils.resolvers  # noqa: F401  (registers ${uid:} and friends before Hydra composes)
 
+CONFIG_DIR_ENV = "MOE_LAB_CONFIG_DIR"
+
 
 def _find_config_dir() -> Path:
-    env = os.environ.get("MOE_LAB_CONFIG_DIR")
-    candidates = [Path(env)] if env else []
-    # src/moe_lab/config.py -> repository root / conf (the package is installed editable)
-    candidates.append(Path(__file__).resolve().parents[2] / "conf")
-    for candidate in candidates:
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    # Defer the error to first use so that `import moe_lab` never fails.
-    return candidates[-1]
+    """``$MOE_LAB_CONFIG_DIR`` if set, else the ``conf/`` that travels with the package.
+
+    In a wheel, ``moe_lab/conf`` holds a copy of the repository's top-level ``conf/``; in a
+    checkout (editable install) it is a symlink to it. Where the symlink was checked out as a
+    plain file (git on Windows without symlinks), the checkout's ``conf/`` is used directly.
+    """
+    env = os.environ.get(CONFIG_DIR_ENV)
+    if env:
+        return Path(env).expanduser().absolute()
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parents[1] / "conf"):
+        with contextlib.suppress(OSError):
+            if (candidate / "train.yaml").is_file():
+                return candidate.resolve()
+    # Defer the error to first use (config_dir_problem), so that `import moe_lab` never fails.
+    return package / "conf"
 
 
 CONFIG_DIR = _find_config_dir()
+
+
+def config_dir_problem(config_name: str = "train", config_dir: Path | None = None) -> str | None:
+    """Why ``config_dir`` (default :data:`CONFIG_DIR`) cannot serve ``<config_name>.yaml``, as one
+    line that says what to do, or None when it can."""
+    config_dir = CONFIG_DIR if config_dir is None else config_dir
+    from_env = os.environ.get(CONFIG_DIR_ENV) and config_dir == CONFIG_DIR
+    where = f"{CONFIG_DIR_ENV}={config_dir}" if from_env else f"config dir {config_dir}"
+    fix = (
+        f"point {CONFIG_DIR_ENV} at a copy of moe_lab's conf/ dir, or unset it to use the "
+        "configs installed with moe_lab"
+        if from_env
+        else f"reinstall moe_lab (its wheel carries conf/), or set {CONFIG_DIR_ENV} to a copy of "
+        "the repository's conf/ dir"
+    )
+    target = config_dir / f"{config_name}.yaml"
+    try:
+        if not config_dir.is_dir():
+            return f"{where} does not exist; {fix}"
+        if not target.is_file():
+            return f"{where} has no {target.name}; {fix}"
+        with target.open("rb"):
+            pass
+        os.listdir(config_dir)
+    except OSError as err:
+        return f"{where} is not readable ({err.strerror}); fix its permissions, or {fix}"
+    return None
+
+
+def require_config_dir(config_name: str = "train") -> Path:
+    """:data:`CONFIG_DIR`, or exit with a one-line ``error: ...`` before Hydra starts (an entry
+    point calls this so that a missing or unreadable config dir never becomes a stack trace)."""
+    problem = config_dir_problem(config_name)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    return CONFIG_DIR
+
 
 # conf/hydra/launcher/{basic,joblib,submitit_slurm}.yaml deliberately carry the plugins' names, so
 # Hydra matches them against the plugins' schemas and says so on every run.
@@ -198,10 +247,9 @@ def compose_config(
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
-        raise ConfigError(
-            f"config dir {CONFIG_DIR} has no {config_name}.yaml; set MOE_LAB_CONFIG_DIR"
-        )
+    problem = config_dir_problem(config_name)
+    if problem is not None:
+        raise ConfigError(problem)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name, overrides=list(overrides or []), return_hydra_config=True)
     if output_dir is None:

@@ -1,15 +1,18 @@
 """``python -m moe_lab.report SWEEP_DIR [--baseline MODEL_OR_GROUP]`` (installed as ``moe-report``).
 
-Rebuilds ``summary.csv``, ``report.md`` and ``curves.png`` in a sweep dir and prints their paths.
+Rebuilds ``summary.csv``, ``report.md``, ``curves.png`` and ``curves.svg`` in a sweep dir (or a
+parent of several sweep dirs) and prints their paths.
 
 Exit status:
-    0  report written; every run dir has a valid summary.json and at least one run completed
-       (failed and diverged runs are results: they are listed in the report, never averaged in).
+    0  report written and every job completed (jobs are the job dirs found plus the jobs the
+       sweep's ``multirun.yaml`` planned; a run superseded by a newer run of the same config and
+       seed is not a job of its own).
     2  error, one line on stderr:
        - no report written: the dir does not exist, holds no runs, or --baseline names a model
          with no completed run;
-       - report written but the sweep is incomplete: no run completed, or some job dirs lack
-         summary.json (partial/missing: killed jobs) or hold an invalid one (missing fields).
+       - report written but some job did not complete: failed, diverged, interrupted, partial
+         (killed), missing (never started) or invalid (a file that cannot be read or breaks the
+         run record). ``python -m moe_lab.finish SWEEP_DIR`` reruns them.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import sys
 import warnings
 from pathlib import Path
 
+import pandas as pd
+
 from moe_lab.analysis.runs import load_runs
-from moe_lab.analysis.sweep_report import write_report
+from moe_lab.analysis.sweep_report import incomplete_jobs, write_report
 
 
 def _prog() -> str:
@@ -30,11 +35,12 @@ def _prog() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=_prog(),
-        description="Rebuild a sweep's summary.csv, report.md and curves.png (mean ± SE per group, "
-        "Welch's t-test against the baseline, failed runs listed and never averaged in).",
-        epilog="Exit status: 0 report written; 2 error (no such dir, no runs, unknown baseline, "
-        "no completed run, or job dirs without a valid summary.json; the report is still written "
-        "in the last two cases).",
+        description="Rebuild a sweep's summary.csv, report.md, curves.png and curves.svg (mean ± "
+        "SE per group, Welch's t-test against the baseline, runs that did not complete listed and "
+        "never averaged in).",
+        epilog="Exit status: 0 report written and every job completed; 2 error (no such dir, no "
+        "runs, unknown baseline; or some job failed, diverged, was interrupted, killed, never "
+        "started or is invalid: the report is still written then).",
     )
     parser.add_argument(
         "sweep_dir", metavar="SWEEP_DIR", help="the multirun's sweep dir (one sub-dir per job)"
@@ -43,9 +49,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         metavar="MODEL",
         default=None,
-        help="the baseline: a model name, or one group's label such as 'moe K=4' (default: cnn_matched if present in the data, else cnn)",
+        help="the baseline: a model name, or one group's label such as 'moe K=4' (default: "
+        "cnn_matched if present in the data, else cnn)",
     )
     return parser
+
+
+def incomplete_message(runs: pd.DataFrame, report_md: Path, limit: int = 8) -> str | None:
+    """The one-line reason a sweep is not complete, or None when every job completed."""
+    statuses = runs.loc[runs["status"] != "superseded", "status"]
+    if not (statuses == "completed").any():
+        counts = ", ".join(f"{n} {s}" for s, n in statuses.value_counts().sort_index().items())
+        return f"none of the {len(statuses)} runs completed ({counts}); see {report_md}"
+    bad = incomplete_jobs(runs)
+    if bad.empty:
+        return None
+    names = [f"{r.run_name} ({r.status})" for r in bad.itertuples()]
+    shown = ", ".join(names[:limit]) + (
+        f", and {len(names) - limit} more" if len(names) > limit else ""
+    )
+    counts = ", ".join(f"{n} {s}" for s, n in bad["status"].value_counts().sort_index().items())
+    return (
+        f"{len(bad)} of {len(statuses)} jobs did not complete ({counts}): {shown}; "
+        f"the report lists them, see {report_md}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,20 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{parser.prog}: warning: {warning.message}\n")
     for path in paths.values():
         print(path)
-
-    statuses = runs["status"]
-    report_md = paths["report_md"]
-    if not (statuses == "completed").any():
-        counts = ", ".join(f"{n} {s}" for s, n in statuses.value_counts().sort_index().items())
-        return fail(f"none of the {len(runs)} runs completed ({counts}); see {report_md}")
-    incomplete = runs[statuses.isin(["partial", "missing", "invalid"])]
-    if len(incomplete):
-        names = ", ".join(f"{r.run_name} ({r.status})" for r in incomplete.itertuples())
-        return fail(
-            f"{len(incomplete)} of {len(runs)} job dirs lack a valid summary.json: {names}; "
-            f"the report lists them, see {report_md}"
-        )
-    return 0
+    message = incomplete_message(runs, paths["report_md"])
+    return fail(message) if message else 0
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from moe_lab.config import (
     ConfigError,
     ResumeRefused,
     check_resume,
+    require_config_dir,
     validate_train_config,
 )
 from moe_lab.layers import MoEBase
@@ -608,7 +609,7 @@ def _exit_code(summary: dict[str, Any]) -> int:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
     except ResumeRefused as err:
@@ -631,7 +632,21 @@ def main(cfg: DictConfig) -> float | None:
     return summary.get("val_acc_best")
 
 
-__all__ = ["ConfigError", "ResumeRefused", "RunInterrupted", "SweepSignals", "main", "run_name", "train"]
+def main() -> None:
+    """Entry point of ``python -m moe_lab.train`` and ``moe-train``."""
+    require_config_dir("train")  # one line saying what to do, not Hydra's error, without configs
+    _hydra_main()
+
+
+__all__ = [
+    "ConfigError",
+    "ResumeRefused",
+    "RunInterrupted",
+    "SweepSignals",
+    "main",
+    "run_name",
+    "train",
+]
 
 if __name__ == "__main__":
     main()

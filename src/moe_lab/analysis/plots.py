@@ -1,8 +1,11 @@
-"""Figures of a sweep: validation-accuracy curves (the seed figure's form) and expert usage.
+"""Figures: a sweep's validation-accuracy curves (the original's figure's form) and expert usage,
+and the Jacobian experiment's spectra.
 
 Figures are built as :class:`matplotlib.figure.Figure` on the Agg canvas, without pyplot, so
 importing this module never changes the global backend (a notebook keeps its inline backend and
-can display the returned figure).
+can display the returned figure). Accuracies are drawn in %, as the report's tables show them;
+epochs are 1-based integers; :func:`save_figure` writes PNG at 200 dpi and the vector formats
+(SVG, PDF) that papers take.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
@@ -21,6 +26,9 @@ from scipy import stats
 
 from moe_lab.utils.io import atomic_write
 
+if TYPE_CHECKING:  # analysis.jacobian imports torch; the sweep figures never need it
+    from moe_lab.analysis.jacobian import JacobianResult
+
 
 def _new_figure(n_rows: int, n_cols: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
     figure = Figure(figsize=(width * n_cols, height * n_rows), layout="constrained")
@@ -29,11 +37,66 @@ def _new_figure(n_rows: int, n_cols: int, width: float, height: float) -> tuple[
     return figure, axes
 
 
-def save_figure(figure: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Render ``figure`` to PNG and write it to ``path`` atomically."""
+#: Resolution of PNG figures (print quality; the vector copy scales without limit).
+PNG_DPI = 200
+
+
+def render_figure(figure: Figure, fmt: str = "png", dpi: int = PNG_DPI) -> bytes:
+    """``figure`` as the bytes of a ``png``, ``svg`` or ``pdf`` file (vector files carry no
+    creation date, so rebuilding an unchanged report gives the same bytes)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    return atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+    metadata = {"Date": None} if fmt in ("svg", "pdf") else None
+    figure.savefig(buffer, format=fmt, dpi=dpi, metadata=metadata)
+    return buffer.getvalue()
+
+
+def save_figure(figure: Figure, path: str | Path, dpi: int = PNG_DPI) -> Path:
+    """Write ``figure`` to ``path`` atomically, in the format its suffix names (.png, .svg,
+    .pdf)."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    data = render_figure(figure, fmt, dpi)
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def _join_numbers(values: list[int]) -> str:
+    """``[0, 1, 2, 3, 7]`` -> ``"0–3, 7"``."""
+    parts: list[str] = []
+    values = sorted(set(values))
+    start = prev = None
+    for value in [*values, None]:
+        if value is not None and prev is not None and value == prev + 1:
+            prev = value
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}–{prev}")
+        start = prev = value
+    return ", ".join(parts)
+
+
+def figure_caption(runs: pd.DataFrame) -> str:
+    """The caption line of a sweep's figure: data, training budget and seeds of the completed
+    runs, e.g. ``"data: mnist1d · budget: 20 epochs per run · seeds: 0–3 · mean ± SE over
+    seeds (n per group in the legend)"``."""
+    completed = runs[runs["status"] == "completed"] if "status" in runs.columns else runs
+    if completed.empty:
+        return "no completed run"
+    data = ", ".join(sorted(str(d) for d in completed["data"].dropna().unique())) or "?"
+    budgets = sorted(
+        int(e) for e in pd.to_numeric(completed["max_epochs"], errors="coerce").dropna().unique()
+    )
+    if not budgets:
+        budget = "epochs not recorded"
+    elif len(budgets) == 1:
+        budget = f"{budgets[0]} epoch{'s' if budgets[0] != 1 else ''} per run"
+    else:
+        budget = f"{', '.join(map(str, budgets))} epochs (differs between groups)"
+    seeds = _join_numbers(
+        [int(s) for s in pd.to_numeric(completed["seed"], errors="coerce").dropna()]
+    )
+    return (
+        f"data: {data} · budget: {budget} · seeds: {seeds or '?'} · "
+        "mean ± SE over seeds (n per group in the legend)"
+    )
 
 
 def _mean_se_by_epoch(values: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -52,7 +115,7 @@ def _draw_band(
     mean: np.ndarray,
     se: np.ndarray,
     label: str,
-    color: str | None = None,
+    color: Any = None,
 ) -> None:
     """A mean line with a ±SE band (no band where SE is undefined, n < 2)."""
     (line,) = axis.plot(x, mean, marker="o", markersize=3, label=label, color=color)
@@ -65,23 +128,30 @@ def plot_curves(
     path: str | Path | None = None,
     title: str | None = None,
     metric: str = "val_acc",
+    caption: str | None = None,
 ) -> Figure:
-    """Validation accuracy vs epoch, mean ± SE band per group, one subplot per data.
+    """Validation accuracy (%) vs epoch, mean ± SE band per group, one subplot per data.
 
     Args:
         curves: long per-epoch frame from :func:`~moe_lab.analysis.runs.load_curves`; only rows
             with ``status == "completed"`` are drawn (failed runs never enter an average).
-        path: when given, the PNG is written there atomically.
+        path: when given, the figure is written there atomically (format from the suffix).
         title: figure title; default "Validation accuracy, mean ± SE over seeds".
-        metric: the metrics.csv column to draw (default ``val_acc``).
+        metric: the metrics.csv column to draw (default ``val_acc``); accuracy columns
+            (``*_acc``, fractions on disk) are drawn in %.
+        caption: a line under the plots, e.g. :func:`figure_caption` (data, budget, seeds).
 
-    The x axis shows 1-based epochs (epoch 0 of metrics.csv is drawn at 1, as Keras counts).
-    The legend names each group with its number of runs n; the band is ±1 SE where n ≥ 2.
+    The x axis shows 1-based integer epochs (epoch 0 of metrics.csv is drawn at 1, as Keras
+    counts). The legend names each group with its number of runs n; the band is ±1 SE where
+    n ≥ 2.
     """
     if "status" in curves.columns:
         curves = curves[curves["status"] == "completed"]
     datasets = sorted(curves["data"].dropna().unique()) if len(curves) else []
-    figure, axes = _new_figure(1, max(1, len(datasets)), 6.5, 4.5)
+    n_groups = curves.groupby("data")["group"].nunique().max() if len(curves) else 0
+    # many groups (a swept grid): the legend goes beside each plot instead of over the curves
+    outside = bool(n_groups and n_groups > 6)
+    figure, axes = _new_figure(1, max(1, len(datasets)), 10.0 if outside else 6.5, 4.5)
     figure.suptitle(title or "Validation accuracy, mean ± SE over seeds", fontsize="medium")
     if not datasets:
         axis = axes[0, 0]
@@ -94,12 +164,23 @@ def plot_curves(
             transform=axis.transAxes,
         )
         axis.set_axis_off()
+    if caption:
+        figure.supxlabel(caption, fontsize="small")
+    percent = metric.endswith("acc")
+    scale = 100.0 if percent else 1.0
     # One colour per group across all subplots, so "cnn" is the same colour for every data.
-    colors = {g: f"C{i % 10}" for i, g in enumerate(sorted(curves["group"].dropna().unique()))}
+    groups = sorted(curves["group"].dropna().unique())
+    if len(groups) <= 10:
+        colors = {g: f"C{i}" for i, g in enumerate(groups)}
+    else:  # a swept grid: 20 distinct colours before any repeats
+        palette = matplotlib.colormaps["tab20"].colors
+        colors = {g: palette[i % len(palette)] for i, g in enumerate(groups)}
     for axis, data in zip(axes[0], datasets, strict=False):
         data_curves = curves[curves["data"] == data]
+        last_epoch = 1
         for group, group_curves in data_curves.groupby("group", sort=True):
             by_epoch = _mean_se_by_epoch(group_curves, metric)
+            last_epoch = max(last_epoch, int(by_epoch["epoch"].max()) + 1)
             n_runs = (
                 group_curves["run_name"].nunique()
                 if "run_name" in group_curves
@@ -108,17 +189,23 @@ def plot_curves(
             _draw_band(
                 axis,
                 by_epoch["epoch"].to_numpy(dtype=float) + 1,
-                by_epoch["mean"].to_numpy(dtype=float),
-                by_epoch["se"].to_numpy(dtype=float),
+                scale * by_epoch["mean"].to_numpy(dtype=float),
+                scale * by_epoch["se"].to_numpy(dtype=float),
                 f"{group} (n={n_runs})",
                 color=colors[group],
             )
         axis.set_title(f"data: {data}")
         axis.set_xlabel("epoch")
-        axis.set_ylabel("validation accuracy" if metric == "val_acc" else metric)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        name = "validation accuracy" if metric == "val_acc" else metric
+        axis.set_ylabel(f"{name} (%)" if percent else name)
+        # integer ticks even for a 1-epoch run (MaxNLocator alone needs 2 integers in view)
+        axis.set_xlim(0.5, last_epoch + 0.5)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         axis.grid(True, alpha=0.3)
-        axis.legend(loc="lower right", fontsize="small")
+        if outside:
+            axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="x-small")
+        else:
+            axis.legend(loc="lower right", fontsize="small")
     if path is not None:
         save_figure(figure, path)
     return figure
@@ -191,7 +278,7 @@ def plot_expert_usage(
         right.set_xlabel("epoch")
         right.set_ylabel("gate entropy")
         right.set_title(f"{data}: {group}, gate entropy")
-        right.xaxis.set_major_locator(MaxNLocator(integer=True))
+        right.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         right.grid(True, alpha=0.3)
         if len(entropy):
             right.legend(fontsize="x-small")
@@ -201,4 +288,51 @@ def plot_expert_usage(
             )
     if path is not None:
         save_figure(figure, path)
+    return figure
+
+
+def plot_jacobian_spectra(result: JacobianResult, ax: Axes | None = None) -> Figure:
+    """Mean sorted Jacobian spectrum per model, log y, ±SE bands (the original's second figure).
+
+    Draws on ``ax``, or on a new figure when None; returns the figure.
+    """
+    if ax is None:
+        figure, axes = _new_figure(1, 1, 7, 4.5)
+        ax = axes[0, 0]
+    figure = ax.get_figure()
+    cfg = result.settings
+    ks = list(cfg.n_experts)
+    cmap = matplotlib.colormaps["viridis"]
+    groups = result.spectra.groupby(["model", "n_experts"], dropna=False, sort=False)
+    for (model, k), grp in groups:
+        x = grp["index"].to_numpy() + 1
+        mean = grp["mean_singular_value"].to_numpy()
+        se = grp["se"].to_numpy()
+        if pd.isna(k):
+            color, label, style = "black", f"Dense + {model.removeprefix('dense_')}", "--"
+        else:
+            pos = ks.index(int(k)) / max(1, len(ks) - 1)
+            color, label, style = cmap(0.9 * pos), f"MoE, K = {int(k)}", "-"
+            if model == "moe_uniform":
+                label, style = f"MoE, K = {int(k)}, constant gates", ":"
+        ax.plot(x, mean, style, color=color, label=label, lw=1.5)
+        ax.fill_between(x, np.clip(mean - se, 0, None), mean + se, color=color, alpha=0.2, lw=0)
+    # Below the rank tolerance a singular value is rounding noise (float64 SVD of a float32
+    # Jacobian reaches 1e-80): draw the tolerance and cut the axis just under it, so the cliff
+    # where each spectrum becomes numerically zero shows without flattening the rest.
+    tol = result.spectra["mean_singular_value"].max() * cfg.width * cfg.eps
+    ax.axhline(tol, color="gray", ls=":", lw=1, label="rank tolerance")
+    ax.set_yscale("log")
+    top = (result.spectra["mean_singular_value"] + result.spectra["se"]).max()
+    ax.set_ylim(tol / 10, top * 2)
+    ax.set_xlabel("singular value index (descending)")
+    ax.set_ylabel("mean singular value of dy/dx")
+    ax.set_title(
+        f"Input-output Jacobian spectrum, {cfg.width} -> {cfg.width}, "
+        f"mean +- SE over {cfg.n_inputs} inputs ~ U(0,1)^{cfg.width}\n"
+        f"MoE: {cfg.expert_activation} experts, {cfg.gating_activation} gates; seed {cfg.seed}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    ax.grid(True, which="major", alpha=0.3)
     return figure

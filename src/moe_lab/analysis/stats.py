@@ -25,7 +25,9 @@ import numpy as np
 import pandas as pd
 from scipy import special, stats
 
-from .runs import RUN_STATUSES, group_keys
+from moe_lab.record import FINAL_STATUSES
+
+from .runs import group_keys
 
 #: Default baselines, in order of preference, looked up within each data.
 DEFAULT_BASELINES: tuple[str, ...] = ("cnn_matched", "cnn")
@@ -115,19 +117,6 @@ def _single_value(series: pd.Series) -> float:
     return float(values[0]) if len(values) == 1 else math.nan
 
 
-def _varying_overrides(group_runs: pd.DataFrame) -> list[str]:
-    """Override keys (other than seed) whose values differ within a group of repetitions."""
-    values: dict[str, set[str]] = {}
-    override_lists = [str(o).split() if isinstance(o, str) else [] for o in group_runs["overrides"]]
-    if not any(override_lists):
-        return []
-    for items in override_lists:
-        parsed = dict(item.partition("=")[::2] for item in items)
-        for key in parsed.keys() | values.keys():
-            values.setdefault(key, set()).add(parsed.get(key, "<unset>"))
-    return sorted(k for k, v in values.items() if len(v) > 1 and k.lstrip("+~") != "seed")
-
-
 def _pick_baseline(candidates: pd.DataFrame, row: pd.Series) -> tuple[pd.Series | None, str]:
     """The baseline group for ``row`` among ``candidates`` (rows of the summary of one data)."""
     if len(candidates) == 1:
@@ -138,36 +127,42 @@ def _pick_baseline(candidates: pd.DataFrame, row: pd.Series) -> tuple[pd.Series 
         same_k = same_k[_equal_or_both_missing(same_k["top_k"], row["top_k"])]
     if len(same_k) == 1:
         return same_k.iloc[0], ""
-    return None, f"ambiguous baseline: {sorted(candidates['group'])}; pass a more specific sweep"
+    return (
+        None,
+        f"ambiguous baseline: {sorted(candidates['group'])}; pass --baseline with one of them",
+    )
 
 
 def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
-    """One row per group (data × model × n_experts, × top_k when present) of ``runs``.
+    """One row per group of ``runs``: data × model × n_experts (× top_k, × routing when present)
+    × the swept overrides (``context``, see :func:`~moe_lab.analysis.runs.load_runs`).
 
     Args:
         runs: the table from :func:`~moe_lab.analysis.runs.load_runs`.
-        baseline: the baseline: a model name, or one group's label (e.g. ``"moe K=4"``, to
-            compare routing variants with the dense mixture); default ``cnn_matched`` where the
-            data has it, else ``cnn``. Groups are compared only with the baseline of the same data.
+        baseline: the baseline: a model name, or a group's label with or without its swept values
+            (e.g. ``"moe K=4"``, to compare routing variants with the dense mixture); default
+            ``cnn_matched`` where the data has it, else ``cnn``. A group is compared only with the
+            baseline of the same data and the same swept values (``context``): ``moe K=2
+            optimizer.lr=0.003`` with ``cnn_matched K=2 optimizer.lr=0.003``, never with another
+            learning rate.
 
     Returns:
-        Columns ``data, group, model, n_experts[, top_k]``, ``n`` (completed runs),
-        ``n_not_completed`` (failed or diverged; partial, missing and invalid runs belong to no
-        group), ``seeds``, for each of ``val_acc_best``, ``val_acc_last``,
-        ``test_acc``: ``<m>_mean``, ``<m>_se``, ``<m>_n``; ``params``, ``flops_per_example``
-        (NaN when runs of the group disagree), ``wall_time_s_mean``, ``epochs_mean``,
-        ``is_baseline``, ``baseline_group``, ``metric`` (what the test compares), the
-        :func:`welch_test` fields ``diff, ci_low, ci_high, t, df, p_value, hedges_g`` and
-        ``note``, plus ``warning`` (e.g. overrides that vary inside a group).
+        Columns ``data, group, model, n_experts[, top_k][, routing][, context]``, ``base_group``,
+        ``n`` (completed runs), ``n_not_completed`` (failed, diverged or interrupted; partial,
+        missing and invalid runs belong to no group, superseded ones are not counted), ``seeds``,
+        for each of ``val_acc_best``, ``val_acc_last``, ``test_acc``: ``<m>_mean``, ``<m>_se``,
+        ``<m>_n``; ``params``, ``flops_per_example`` (NaN when runs of the group disagree),
+        ``max_epochs`` (the budget; NaN when runs disagree), ``wall_time_s_mean``,
+        ``epochs_mean``, ``is_baseline``, ``baseline_group``, ``metric`` (what the test
+        compares), the :func:`welch_test` fields ``diff, ci_low, ci_high, t, df, p_value,
+        hedges_g`` and ``note``, plus ``warning`` (e.g. repeated seeds inside a group).
 
     Raises:
-        ValueError: ``baseline`` is given but no run of that model completed.
+        ValueError: ``baseline`` is given but no run of that model or group completed.
     """
     keys = group_keys(runs)
     completed_all = runs[runs["status"] == "completed"]
-    if baseline is not None and not (
-        (completed_all["model"] == baseline).any() or (completed_all["group"] == baseline).any()
-    ):
+    if baseline is not None and not _matches_baseline(completed_all, baseline).any():
         present = sorted(completed_all["model"].dropna().unique())
         groups = sorted(completed_all["group"].dropna().unique())
         raise ValueError(
@@ -176,12 +171,16 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
         )
 
     rows = []
-    # Partial, missing and invalid runs have no trustworthy group: report.md lists them apart.
-    placed = runs[runs["status"].isin(RUN_STATUSES)]
+    # Partial, missing and invalid runs have no trustworthy group, and superseded runs are
+    # replaced by a rerun: report.md lists them apart.
+    placed = runs[runs["status"].isin(FINAL_STATUSES)]
     for key, group_runs in placed.groupby(keys, dropna=False, sort=True):
         completed = group_runs[group_runs["status"] == "completed"]
         row: dict[str, Any] = dict(zip(keys, key, strict=True))
         row["group"] = group_runs["group"].iloc[0]
+        row["base_group"] = group_runs["base_group"].iloc[0]
+        if "context" not in keys:
+            row["context"] = ""
         row["n"] = len(completed)
         row["n_not_completed"] = len(group_runs) - len(completed)
         row["seeds"] = " ".join(str(int(s)) for s in sorted(completed["seed"].dropna()))
@@ -192,6 +191,7 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             row[f"{metric}_n"] = len(values)
         row["params"] = _single_value(completed["params"])
         row["flops_per_example"] = _single_value(completed["flops_per_example"])
+        row["max_epochs"] = _single_value(completed["max_epochs"])
         row["wall_time_s_mean"] = (
             float(completed["wall_time_s"].mean())
             if completed["wall_time_s"].notna().any()
@@ -201,9 +201,6 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             float(completed["epochs"].mean()) if completed["epochs"].notna().any() else math.nan
         )
         warnings_ = []
-        varying = _varying_overrides(completed)
-        if varying:
-            warnings_.append(f"overrides differ inside this group: {varying}")
         if completed["seed"].duplicated().any():
             warnings_.append("repeated seeds inside this group")
         for column, name in (("params", "params"), ("flops_per_example", "FLOPs per example")):
@@ -217,9 +214,11 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
         summary = pd.DataFrame(
             columns=[
                 *keys,
-                *("group", "n", "n_not_completed", "seeds"),
+                *([] if "context" in keys else ["context"]),
+                *("group", "base_group", "n", "n_not_completed", "seeds"),
                 *metric_columns,
-                *("params", "flops_per_example", "wall_time_s_mean", "epochs_mean", "warning"),
+                *("params", "flops_per_example", "max_epochs", "wall_time_s_mean"),
+                *("epochs_mean", "warning"),
             ]
         )
 
@@ -239,45 +238,57 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
     for column in comparison_columns:
         summary[column] = None if column in ("baseline_group", "metric", "note") else math.nan
     summary["is_baseline"] = False
+    wanted = [baseline] if baseline is not None else list(DEFAULT_BASELINES)
     for data, data_summary in summary.groupby("data", dropna=False):
         completed = completed_all[
             (completed_all["data"] == data) | (completed_all["data"].isna() & pd.isna(data))
         ]
         metric = comparison_metric(completed)
         summary.loc[data_summary.index, "metric"] = metric
-        wanted = [baseline] if baseline is not None else list(DEFAULT_BASELINES)
-        with_runs = data_summary[data_summary["n"] > 0]
-        if baseline is not None and (with_runs["group"] == baseline).any():
-            candidates = with_runs[with_runs["group"] == baseline]  # one group, by its label
-        else:
-            chosen = next((m for m in wanted if (with_runs["model"] == m).any()), None)
+        for context, block in data_summary.groupby("context", dropna=False, sort=False):
+            with_runs = block[block["n"] > 0]
+            chosen = next((b for b in wanted if _matches_baseline(with_runs, b).any()), None)
             if chosen is None:
-                summary.loc[data_summary.index, "note"] = (
-                    f"no baseline ({' or '.join(wanted)}) completed for this data"
+                where = f" with the same swept values ({context})" if context else ""
+                summary.loc[block.index, "note"] = (
+                    f"no baseline ({' or '.join(wanted)}) completed for this data{where}"
                 )
                 continue
-            candidates = with_runs[with_runs["model"] == chosen]
-        summary.loc[candidates.index, "is_baseline"] = True
-        for index, row in data_summary.iterrows():
-            if index in candidates.index:
-                summary.loc[index, "note"] = "baseline"
-                summary.loc[index, "baseline_group"] = row["group"]
-                continue
-            base, problem = _pick_baseline(candidates, row)
-            if base is None:
-                summary.loc[index, "note"] = problem
-                continue
-            summary.loc[index, "baseline_group"] = base["group"]
-            key_mask = np.ones(len(completed), dtype=bool)
-            base_mask = np.ones(len(completed), dtype=bool)
-            for key in keys:
-                key_mask &= _equal_or_both_missing(completed[key], row[key])
-                base_mask &= _equal_or_both_missing(completed[key], base[key])
-            result = welch_test(completed.loc[key_mask, metric], completed.loc[base_mask, metric])
-            for column, value in result.items():
-                summary.loc[index, column] = value
+            candidates = with_runs[_matches_baseline(with_runs, chosen)]
+            summary.loc[candidates.index, "is_baseline"] = True
+            in_context = completed[completed["context"].fillna("") == context]
+            for index, row in block.iterrows():
+                if index in candidates.index:
+                    summary.loc[index, "note"] = "baseline"
+                    summary.loc[index, "baseline_group"] = row["group"]
+                    continue
+                base, problem = _pick_baseline(candidates, row)
+                if base is None:
+                    summary.loc[index, "note"] = problem
+                    continue
+                summary.loc[index, "baseline_group"] = base["group"]
+                key_mask = np.ones(len(in_context), dtype=bool)
+                base_mask = np.ones(len(in_context), dtype=bool)
+                for key in keys:
+                    key_mask &= _equal_or_both_missing(in_context[key], row[key])
+                    base_mask &= _equal_or_both_missing(in_context[key], base[key])
+                result = welch_test(
+                    in_context.loc[key_mask, metric], in_context.loc[base_mask, metric]
+                )
+                for column, value in result.items():
+                    summary.loc[index, column] = value
     summary["is_baseline"] = summary["is_baseline"].astype(bool)
     return summary.reset_index(drop=True)
+
+
+def _matches_baseline(frame: pd.DataFrame, baseline: str) -> pd.Series:
+    """Rows of ``frame`` (runs or groups) that ``baseline`` names: a model, a group label, or a
+    group label without its swept values (``"moe K=4"`` for ``"moe K=4 optimizer.lr=0.003"``)."""
+    mask = frame["model"] == baseline
+    for column in ("group", "base_group"):
+        if column in frame.columns:
+            mask |= frame[column] == baseline
+    return mask.fillna(False).astype(bool)
 
 
 def _equal_or_both_missing(series: pd.Series, value: Any) -> np.ndarray:

@@ -1,25 +1,29 @@
-"""The sweep report: ``summary.csv``, ``report.md`` and ``curves.png`` in the sweep dir.
+"""The sweep report: ``summary.csv``, ``report.md``, ``curves.png`` and ``curves.svg`` in the
+sweep dir.
 
-:func:`write_report` is what ``python -m moe_lab.report SWEEP_DIR`` and the Hydra callback
-call. Each file is written atomically; rebuilding a report replaces the previous files (they
-are derived data). Everything is computed before the first file is written, so an error (e.g.
-an unknown baseline) leaves the previous report untouched.
+:func:`write_report` is what ``python -m moe_lab.report SWEEP_DIR``, ``python -m moe_lab.finish``
+and the Hydra callback call. The four files are one report: they are all rendered first, written
+to temporary files beside their targets, and only then renamed into place; should a rename fail,
+the files already renamed are put back, so the sweep dir holds the old set or the new set, never
+a mix (and an error before that, e.g. an unknown baseline, touches nothing).
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import math
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from moe_lab.utils.io import atomic_write, atomic_write_text
-
-from .plots import plot_curves
-from .runs import NOT_COMPLETED_STATUSES, load_curves, load_runs
+from .plan import SweepPlan
+from .plots import figure_caption, plot_curves, render_figure
+from .runs import NOT_COMPLETED_STATUSES, STATUSES, SUPERSEDED, load_curves, load_runs, sweep_plans
 from .stats import DEFAULT_BASELINES, METRIC_NAMES, summarize
 
 #: File names the report writes in the sweep dir.
@@ -27,9 +31,10 @@ REPORT_FILES: dict[str, str] = {
     "summary_csv": "summary.csv",
     "report_md": "report.md",
     "curves_png": "curves.png",
+    "curves_svg": "curves.svg",
 }
 _DASH = "–"  # shown for undefined values (e.g. SE with n = 1)
-_STATUS_ORDER = ("completed", *NOT_COMPLETED_STATUSES)
+_STATUS_ORDER = STATUSES
 
 
 def _missing(value: Any) -> bool:
@@ -117,7 +122,8 @@ def _group_table(data_summary: pd.DataFrame) -> str:
 
 
 def _test_section(data_summary: pd.DataFrame, metric: str) -> str:
-    baselines = sorted(data_summary.loc[data_summary["is_baseline"], "group"])
+    chosen = data_summary.loc[data_summary["is_baseline"]]
+    baselines = sorted(set(chosen["base_group"].fillna(chosen["group"])))
     if not baselines:
         return f"### Welch's t-test\n\nNo test: {data_summary['note'].iloc[0]}; pass `--baseline MODEL`.\n"
     metric_text = f"{METRIC_NAMES[metric]} (`{metric}`)"
@@ -178,13 +184,20 @@ def _test_section(data_summary: pd.DataFrame, metric: str) -> str:
     return "\n".join([*lines, _table(header, rows, right_from=2, left_from=len(header) - 1), ""])
 
 
+def incomplete_jobs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The jobs that did not complete (superseded runs are not jobs of their own: a newer run of
+    the same config and seed stands for them)."""
+    return runs[runs["status"].isin(NOT_COMPLETED_STATUSES)]
+
+
 def _not_completed_section(runs: pd.DataFrame) -> str:
-    bad = runs[runs["status"] != "completed"]
+    bad = incomplete_jobs(runs)
     lines = [f"## Runs not averaged in ({len(bad)})", ""]
     if bad.empty:
-        return "\n".join([*lines, "None: every run completed.", ""])
+        return "\n".join([*lines, "None: every job completed.", ""])
     lines.append(
-        "Failed, diverged, partial (killed), missing and invalid runs never enter a mean, SE or test."
+        "Failed, diverged, interrupted, partial (killed), missing (never started or killed before "
+        "their first epoch) and invalid runs never enter a mean, SE or test."
     )
     lines.append("")
     header = ["run", "data", "group", "seed", "status", "epochs", "detail"]
@@ -203,30 +216,110 @@ def _not_completed_section(runs: pd.DataFrame) -> str:
     return "\n".join([*lines, _table(header, rows, right_from=len(header)), ""])
 
 
+def _superseded_section(runs: pd.DataFrame) -> str:
+    old = runs[runs["status"] == SUPERSEDED]
+    if old.empty:
+        return ""
+    lines = [
+        f"## Superseded runs ({len(old)})",
+        "",
+        "Runs of a config and seed that ran again; the newest completed run (else the newest) "
+        "counts, these never do.",
+        "",
+    ]
+    header = ["run", "group", "seed", "counted instead", "detail"]
+    rows = [
+        [
+            _cell(r["run_name"]),
+            _cell(r["group"]),
+            fmt_int(r["seed"]),
+            _cell(r["superseded_by"]),
+            _cell(r["detail"]),
+        ]
+        for _, r in old.iterrows()
+    ]
+    return "\n".join([*lines, _table(header, rows, right_from=len(header)), ""])
+
+
+def _jobs_lines(runs: pd.DataFrame, sweep: Path, plans: list[SweepPlan]) -> list[str]:
+    counted = runs[runs["status"] != SUPERSEDED]
+    n_completed = int((counted["status"] == "completed").sum())
+    bad = incomplete_jobs(runs)
+    lines = [
+        f"- Jobs: {len(counted)} ({_status_counts(counted)}). "
+        + (
+            f"Only the {n_completed} completed runs enter means, SEs and tests."
+            if n_completed
+            else "**No run completed**: there is nothing to average or test."
+        )
+    ]
+    n_old = len(runs) - len(counted)
+    if n_old:
+        lines.append(
+            f"- {n_old} superseded run(s): the same config and seed ran again; listed at the end."
+        )
+    for plan in plans:
+        where = (
+            plan.multirun_yaml.relative_to(sweep)
+            if plan.multirun_yaml.is_relative_to(sweep)
+            else plan.multirun_yaml
+        )
+        if plan.jobs is None:
+            lines.append(f"- Planned jobs unknown: {plan.note}.")
+            continue
+        never = runs[
+            ~runs["started"]
+            & runs["run_dir"].map(lambda d, root=plan.sweep_dir: Path(d).is_relative_to(root))
+        ]
+        lines.append(f"- Planned: {len(plan.jobs)} jobs in `{where}`; {len(never)} never started.")
+    if len(bad):
+        finish = (
+            f"`python -m moe_lab.finish {sweep}` reruns them in place"
+            if len(plans) == 1 and plans[0].sweep_dir == sweep and plans[0].jobs is not None
+            else "`python -m moe_lab.finish SWEEP_DIR` reruns those of one sweep dir in place"
+        )
+        lines.append(
+            f"- **Incomplete**: {len(bad)} of {len(counted)} jobs did not complete; {finish}."
+        )
+    return lines
+
+
 def render_report(
-    runs: pd.DataFrame, summary: pd.DataFrame, sweep_dir: str | Path, baseline: str | None = None
+    runs: pd.DataFrame,
+    summary: pd.DataFrame,
+    sweep_dir: str | Path,
+    baseline: str | None = None,
+    plans: list[SweepPlan] | None = None,
+    caption: str | None = None,
 ) -> str:
-    """The markdown of ``report.md`` for ``runs`` (:func:`load_runs`) and ``summary`` (:func:`summarize`)."""
+    """The markdown of ``report.md`` for ``runs`` (:func:`load_runs`), ``summary``
+    (:func:`summarize`) and the sweep's ``plans`` (:func:`~moe_lab.analysis.runs.sweep_plans`)."""
     sweep = Path(sweep_dir)
-    n_completed = int((runs["status"] == "completed").sum())
     baseline_text = (
         f"`{baseline}` (from --baseline)"
         if baseline is not None
         else f"{' if present in the data, else '.join(f'`{b}`' for b in DEFAULT_BASELINES)} (default)"
     )
+    contexts = sorted(
+        {word.partition("=")[0] for text in runs["context"].fillna("") for word in text.split()}
+    )
+    grouping = (
+        "data × model × K"
+        + (f" × the swept overrides {', '.join(f'`{k}`' for k in contexts)}" if contexts else "")
+        + "; the seed is what a group repeats over"
+    )
     lines = [
         f"# Sweep report: {sweep.name}",
         "",
         f"- Sweep dir: `{sweep}`",
-        f"- Runs found: {len(runs)} ({_status_counts(runs)}). "
-        + (
-            f"Only the {n_completed} completed runs enter means, SEs and tests."
-            if n_completed
-            else "**No run completed**: there is nothing to average or test."
-        ),
-        f"- Baseline: {baseline_text}; groups are compared only within the same data.",
+        *_jobs_lines(runs, sweep, plans or []),
+        f"- Groups: {grouping}.",
+        f"- Baseline: {baseline_text}; a group is compared only with the baseline of the same "
+        "data" + (" and the same swept values." if contexts else "."),
         "",
         "![validation accuracy vs epoch, mean ± SE per group](curves.png)",
+        "",
+        (f"*{caption}.* " if caption else "") + "Vector copy: [curves.svg](curves.svg).",
         "",
     ]
     for data, data_summary in summary.groupby("data", sort=True, dropna=False):
@@ -236,6 +329,9 @@ def render_report(
         if (data_summary["n"] > 0).any():
             lines += [_test_section(data_summary, metric), ""]
     lines.append(_not_completed_section(runs))
+    superseded = _superseded_section(runs)
+    if superseded:
+        lines.append(superseded)
     warnings_ = [
         f"- `{r['data']}` / `{r['group']}`: {r['warning']}"
         for _, r in summary.iterrows()
@@ -249,8 +345,9 @@ def render_report(
         "- Accuracies are in %; each cell is mean ± SE over the group's completed runs (seeds), "
         'SE = std / sqrt(n) with the sample std (ddof = 1); "–" where undefined (SE needs n ≥ 2). '
         'A cell\'s "(n=…)" counts the runs that recorded that metric when fewer than n did.',
-        "- Welch's t-test (unequal variances), two-sided, group vs the baseline of the same data; "
-        "df = Welch–Satterthwaite; the 95% CI is that of the difference of means in percentage points (pp).",
+        "- Welch's t-test (unequal variances), two-sided, group vs the baseline of the same data "
+        "and swept values; df = Welch–Satterthwaite; the 95% CI is that of the difference of means "
+        "in percentage points (pp).",
         "- Hedges' g = J · (mean − mean_baseline) / pooled std, J = Γ(ν/2) / (√(ν/2) Γ((ν−1)/2)), "
         "ν = n + n_baseline − 2; positive g: the group beats the baseline.",
         "- p-values are not corrected for multiple comparisons; with a handful of seeds per group a "
@@ -260,40 +357,105 @@ def render_report(
     return "\n".join(lines)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def replace_together(files: dict[Path, bytes]) -> None:
+    """Write every ``path: bytes`` of ``files`` so that the set changes at once or not at all.
+
+    All files go to temporary files beside their targets first (a full disk or a crash fails
+    here, before any target changes); the old targets are kept as hard links (copies where links
+    are not possible); then each temporary file is renamed over its target, and a failed rename
+    puts back the targets already renamed. Temporary files never stay behind.
+    """
+    umask = _current_umask()
+    staged: dict[Path, Path] = {}
+    backups: dict[Path, Path] = {}
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            staged[path] = Path(tmp)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for path in files:
+            if not path.exists():
+                continue
+            fd, bak = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".old.tmp", dir=path.parent)
+            os.close(fd)
+            backups[path] = Path(bak)
+            try:
+                os.unlink(bak)
+                os.link(path, bak)
+            except OSError:
+                shutil.copy2(path, bak)
+        renamed: list[Path] = []
+        try:
+            for path, tmp in staged.items():
+                os.replace(tmp, path)
+                renamed.append(path)
+        except BaseException:
+            for path in reversed(renamed):
+                if path in backups:
+                    os.replace(backups.pop(path), path)
+                else:
+                    path.unlink(missing_ok=True)
+            raise
+    finally:
+        for leftover in (*staged.values(), *backups.values()):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
+
+
 def write_report(
     sweep_dir: str | Path,
     baseline: str | None = None,
     runs: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
-    """Write ``summary.csv``, ``report.md`` and ``curves.png`` into ``sweep_dir``.
+    """Write ``summary.csv``, ``report.md``, ``curves.png`` (200 dpi) and ``curves.svg`` into
+    ``sweep_dir``, replacing a previous report as one set (:func:`replace_together`).
 
     Args:
-        sweep_dir: the multirun's sweep dir (one sub-dir per job).
-        baseline: baseline model name (default: ``cnn_matched`` if present, else ``cnn``).
+        sweep_dir: the multirun's sweep dir (one sub-dir per job), or a parent of several.
+        baseline: baseline model name or group label (default: ``cnn_matched`` if present,
+            else ``cnn``).
         runs: the table from :func:`load_runs` when the caller already has it.
 
     Returns:
-        ``{"summary_csv": path, "report_md": path, "curves_png": path}``.
+        ``{"summary_csv": path, "report_md": path, "curves_png": path, "curves_svg": path}``.
 
     Raises:
         FileNotFoundError / ValueError: from :func:`load_runs` (no such dir, no runs) or
             :func:`summarize` (unknown baseline). No file is written then.
+        OSError: a file could not be written (e.g. the disk is full); the previous report is
+            left as it was.
 
-    A sweep whose runs all failed still gets its three files (the report lists the failures;
-    the figure says there is nothing to plot), so a previous report never lingers as if current.
+    A sweep whose runs all failed still gets its files (the report lists the failures; the
+    figure says there is nothing to plot), so a previous report never lingers as if current.
     """
     sweep = Path(sweep_dir).expanduser().resolve()
     if runs is None:
         runs = load_runs(sweep)
+    plans = sweep_plans(sweep)
     summary = summarize(runs, baseline=baseline)
     curves = load_curves(runs)
+    caption = figure_caption(runs)
     title = f"Validation accuracy, mean ± SE over seeds\n{sweep.name}"
-    figure = plot_curves(curves, title=title)
-    png = io.BytesIO()
-    figure.savefig(png, format="png", dpi=120)
-    markdown = render_report(runs, summary, sweep, baseline)
+    figure = plot_curves(curves, title=title, caption=caption)
+    markdown = render_report(runs, summary, sweep, baseline, plans=plans, caption=caption)
     paths = {key: sweep / name for key, name in REPORT_FILES.items()}
-    atomic_write_text(paths["summary_csv"], runs.to_csv(index=False))
-    atomic_write(paths["curves_png"], lambda handle: handle.write(png.getvalue()))
-    atomic_write_text(paths["report_md"], markdown)
+    replace_together(
+        {
+            paths["summary_csv"]: runs.to_csv(index=False).encode("utf-8"),
+            paths["report_md"]: markdown.encode("utf-8"),
+            paths["curves_png"]: render_figure(figure, "png"),
+            paths["curves_svg"]: render_figure(figure, "svg"),
+        }
+    )
     return paths

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from moe_lab.config import CONFIG_DIR
@@ -116,13 +116,13 @@ def data_geometry(dataset: str) -> tuple[tuple[int, ...], int, dict[str, Any]]:
     """``(input_shape, num_classes, topology)`` of ``conf/data/<dataset>.yaml``: its datamodule
     is constructed (nothing is read or written; constructing only derives the shapes)."""
     path = CONFIG_DIR / "data" / f"{dataset}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
+    if dataset.startswith("_") or not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_DIR / "data").glob("[!_]*.yaml"))
         raise FileNotFoundError(f"no data config {path}; known: {known}")
-    cfg = OmegaConf.load(path)
-    cfg.data_dir = "unused"  # ${paths.data_dir} needs a Hydra run; nothing is loaded here
-    cfg.seed = 0
-    datamodule = instantiate(cfg)
+    # composed, not loaded: the presets extend conf/data/_base.yaml through their defaults list
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"data={dataset}", "paths.data_dir=unused"])
+    datamodule = instantiate(cfg.data)
     return tuple(datamodule.input_shape), int(datamodule.num_classes), dict(datamodule.topology)
 
 

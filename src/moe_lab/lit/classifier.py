@@ -27,7 +27,7 @@ SchedulerFactory = Callable[[Optimizer], Any]
 class Classifier(L.LightningModule):
     """Cross-entropy classifier around the network ``net`` (logits out).
 
-    - The loss adds every MoE layer's ``regularization_loss()`` (the seed's Keras regularizers) and
+    - The loss adds every MoE layer's ``regularization_loss()`` (the original's Keras regularizers) and
       the routing's auxiliary losses weighted by ``aux_loss_weights`` (name -> weight).
     - ``apply_constraints()`` runs on every MoE layer after each optimizer step.
     - Metrics accumulate on the device and are read once per epoch: nothing in the training step
