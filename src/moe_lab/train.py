@@ -526,7 +526,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 write_summary()
 
                 parts.trainer.fit(
-                    parts.module, datamodule=parts.datamodule, ckpt_path=ckpt_path, weights_only=True
+                    parts.module,
+                    datamodule=parts.datamodule,
+                    ckpt_path=ckpt_path,
+                    weights_only=True,
                 )
                 if cfg.get("test", True):
                     # With a held-out validation split the test set is scored once, with the
