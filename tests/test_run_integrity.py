@@ -106,7 +106,9 @@ def test_refused_resumes_leave_the_run_dir_byte_for_byte(tmp_path: Path, data_di
     assert "planned over trainer.max_epochs=1" in longer.stderr
     assert "scheduler.T_max: 1 -> 3" in longer.stderr
     assert tree_hash(run_dir) == before
-    assert summary_of(run_dir)["status"] == "completed" and summary_of(run_dir)["test_acc"] is not None
+    assert (
+        summary_of(run_dir)["status"] == "completed" and summary_of(run_dir)["test_acc"] is not None
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
@@ -123,7 +125,9 @@ def test_resume_from_a_damaged_checkpoint_is_refused(
         last.unlink()
     before = tree_hash(run_dir)
     again = compose_train([*overrides, f"resume={run_dir}"], run_dir, data_dir)
-    with pytest.raises(ResumeRefused, match="unreadable" if damage == "truncated" else "does not exist"):
+    with pytest.raises(
+        ResumeRefused, match="unreadable" if damage == "truncated" else "does not exist"
+    ):
         train(again)
     assert tree_hash(run_dir) == before
     assert summary_of(run_dir)["status"] == "completed"
@@ -175,6 +179,33 @@ def test_moved_run_dir_resumes_with_its_best_checkpoint(
     assert resumed["val_acc_best"] == ref["val_acc_best"] and resumed["epochs"] == 2
     assert resumed["segments"] == 2 and resumed["wall_time_s"] > first["wall_time_s"]
     assert not list(moved.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "logger", ["moe_lab.lit.callbacks.CSVLogger", "lightning.pytorch.loggers.CSVLogger"],
+    ids=["moe_lab", "lightning"],
+)  # fmt: skip
+def test_lightning_csv_history_survives_a_resume(
+    tmp_path: Path, data_dir: Path, logger: str
+) -> None:
+    """Lightning's CSVLogger deletes ``csv/metrics.csv`` when a resumed run starts it again."""
+    run_dir = tmp_path / "run"
+    # logger=csv; the Keras decay, so the run may be resumed for longer
+    overrides = ["data=digits", "model=cnn", *TINY, f"logger.csv._target_={logger}"]
+    assert train(compose_train(overrides, run_dir, data_dir))["status"] == "completed"
+    resumed = compose_train(
+        [*overrides, "trainer.max_epochs=2", f"resume={run_dir}"], run_dir, data_dir
+    )
+    assert train(resumed)["status"] == "completed"
+    rows = csv_rows(run_dir / "csv" / "metrics.csv")
+    if logger.startswith("lightning"):
+        assert [r["epoch"] for r in rows if r.get("val/acc")] == ["1"]  # epoch 0 was lost
+        return
+    assert [r["epoch"] for r in rows if r.get("val/acc")] == ["0", "1"]
+    ours = csv_rows(run_dir / "metrics.csv")
+    assert [float(r["val/acc"]) for r in rows if r.get("val/acc")] == pytest.approx(
+        [float(r["val_acc"]) for r in ours]
+    )
 
 
 # -- signals ------------------------------------------------------------------------------------
@@ -304,9 +335,9 @@ def test_sigterm_stops_a_sweep(tmp_path: Path, data_dir: Path, launcher: str) ->
     assert set(statuses.values()) <= {"completed", "interrupted"}
     # jobs the signal kept from starting leave nothing: the report lists them as missing
     assert len(statuses) < 4
-    assert len([p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]) == len(
-        statuses
-    )
+    assert len(
+        [p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    ) == len(statuses)
     if launcher == "joblib":
         assert list(statuses.values()).count("interrupted") >= 1
 
@@ -337,14 +368,26 @@ def corrupt(path: Path, key: str, index: tuple, value: float) -> None:
 @pytest.mark.parametrize(
     ("key", "index", "value", "split", "problem"),
     [
-        ("test_x", (3, 7), np.nan, "test", "1 NaN and 0 infinite values in 1 samples (first: sample 3)"),
+        (
+            "test_x",
+            (3, 7),
+            np.nan,
+            "test",
+            "1 NaN and 0 infinite values in 1 samples (first: sample 3)",
+        ),
         ("train_x", (11, 0), np.inf, "train", "0 NaN and 1 infinite values"),
         ("train_y", (5,), 10, "train", "labels span 0..10, outside 0..9"),
         ("test_y", (0,), -1, "test", "labels span -1..9"),
     ],
 )
 def test_bad_values_in_a_cached_split_fail_at_load(
-    mnist1d_cache: Path, tmp_path: Path, key: str, index: tuple, value: float, split: str, problem: str
+    mnist1d_cache: Path,
+    tmp_path: Path,
+    key: str,
+    index: tuple,
+    value: float,
+    split: str,
+    problem: str,
 ) -> None:
     cache = mnist1d_cache / "mnist1d" / "mnist1d.npz"
     corrupt(cache, key, index, value)

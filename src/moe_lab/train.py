@@ -309,23 +309,30 @@ WANDB_SUMMARY_FIELDS = (
 _UNNAMED_KEYS = ("experiment", "model", "experts", "seed", "resume", "paths", "hydra", "logger")
 
 
-def _sweep_varying_keys() -> set[str] | None:
-    """The override keys that take several values in this job's sweep (from the sweep's
-    ``multirun.yaml``); None outside a multirun."""
+def _sweep_dir(run_dir: Path) -> Path | None:
+    """The sweep this job belongs to: the multirun's dir, or (for a job that ``moe_lab.finish``
+    reruns or resumes on its own) the run dir's parent when it holds the sweep's
+    ``multirun.yaml``."""
+    if _is_multirun():
+        return Path(HydraConfig.get().sweep.dir)
+    parent = run_dir.parent
+    return parent if (parent / "multirun.yaml").is_file() else None
+
+
+def _sweep_varying_keys(sweep_dir: Path | None) -> set[str] | None:
+    """The override keys that take several values in the sweep (from its ``multirun.yaml``);
+    None outside a sweep."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if not _is_multirun():
+    if sweep_dir is None:
         return None
-    hc = HydraConfig.get()
-    overrides = list(hc.overrides.task)
-    with contextlib.suppress(OSError, ValueError):
-        recorded = OmegaConf.load(Path(hc.sweep.dir) / "multirun.yaml").hydra
+    try:
+        recorded = OmegaConf.load(sweep_dir / "multirun.yaml").hydra
         # the config's sweeper params first: the command line overrides them, key by key
         overrides = [f"{k}={v}" for k, v in (recorded.sweeper.get("params") or {}).items()]
         overrides += list(recorded.overrides.task)
-    try:
         parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:  # an override Hydra accepted but this parser does not: name by all
+    except Exception:  # no readable record of the sweep: name the job by all its overrides
         return None
     last = {o.key_or_group: o for o in parsed}
     return {key for key, o in last.items() if o.is_sweep_override()}
@@ -339,7 +346,7 @@ def run_name(cfg: DictConfig, summary: RunSummary) -> str:
     parts = [str(summary.model)]
     if summary.n_experts is not None:
         parts.append(f"K={summary.n_experts}")
-    varying = _sweep_varying_keys()
+    varying = _sweep_varying_keys(_sweep_dir(Path(cfg.paths.output_dir)))
     try:
         job = OverridesParser.create().parse_overrides(_hydra_overrides())
     except Exception:
@@ -360,9 +367,8 @@ def run_name(cfg: DictConfig, summary: RunSummary) -> str:
 def _run_group(cfg: DictConfig) -> str:
     """The sweep a job belongs to (``<experiment>/<sweep dir name>``), or the experiment."""
     experiment = str(cfg.get("experiment_name"))
-    if _is_multirun():
-        return f"{experiment}/{Path(HydraConfig.get().sweep.dir).name}"
-    return experiment
+    sweep_dir = _sweep_dir(Path(cfg.paths.output_dir))
+    return experiment if sweep_dir is None else f"{experiment}/{sweep_dir.name}"
 
 
 def _is_wandb_target(node: Any) -> bool:

@@ -1,8 +1,9 @@
-"""Training callbacks and plugins: divergence detection, atomic checkpoint writes, checkpoints that
-survive a moved run dir."""
+"""Training callbacks, plugins and loggers: divergence detection, atomic checkpoint writes,
+checkpoints that survive a moved run dir, a CSV logger that a resumed run continues."""
 
 from __future__ import annotations
 
+import csv
 import os
 import random
 from typing import Any
@@ -10,7 +11,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from moe_lab.utils.io import atomic_write
@@ -156,3 +160,27 @@ def relocate_checkpoint_state(state: dict[str, Any], old: str, new: str) -> dict
     if isinstance(moved.get("best_k_models"), dict):
         moved["best_k_models"] = {move(k): v for k, v in moved["best_k_models"].items()}
     return moved
+
+
+class _ContinuingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts; this one keeps
+    its rows and header and appends after them."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                header = next(csv.reader(f), [])
+            self.metrics_keys = sorted(header)  # Lightning writes its header sorted
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's CSVLogger, except that a resumed run continues ``csv/metrics.csv`` instead of
+    starting it afresh (and losing the epochs from before the interruption)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment
