@@ -482,3 +482,30 @@ def test_enospc_at_the_checkpoint_write_is_named(
     assert str(run_dir / "checkpoints") in summary["error_message"]
     assert summary_of(run_dir)["status"] == "failed"
     assert not list(run_dir.rglob("*.tmp"))
+
+
+# -- what a result depends on ---------------------------------------------------------------------
+
+
+def test_the_record_names_device_threads_versions_and_commit(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    import lightning as L
+
+    summary = train(
+        compose_train(
+            ["data=digits", "model=cnn", "num_threads=1", *TINY], tmp_path / "run", data_dir
+        )
+    )
+    assert summary["status"] == "completed"
+    assert summary["device"] == "cpu" and summary["torch_threads"] == 1
+    assert summary["torch_version"] == torch.__version__
+    assert summary["lightning_version"] == L.__version__
+    src = Path(__file__).resolve().parents[1] / "src" / "moe_lab"
+    head = subprocess.run(
+        ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    if head.returncode != 0:
+        assert summary["git_commit"] is None
+    else:
+        assert summary["git_commit"].removesuffix("-dirty") == head.stdout.strip()
