@@ -329,7 +329,10 @@ def test_sigterm_stops_a_sweep(tmp_path: Path, data_dir: Path, launcher: str) ->
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    # the sweep stops where it is; with the basic launcher the job's process exits 128 + 15 at once,
+    # while joblib's launcher first writes the report, which exits 1 for the jobs not completed
+    assert proc.returncode == (128 + signal.SIGTERM if launcher == "basic" else 1), stderr[-3000:]
+    assert "Traceback" not in stderr
     statuses = sweep_summaries(sweep_dir)
     assert "running" not in statuses.values(), statuses
     assert set(statuses.values()) <= {"completed", "interrupted"}

@@ -164,7 +164,11 @@ class SweepSignals(HydraCallback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if _received_signal is not None:
             name = signal.Signals(_received_signal).name
-            print(f"[moe_lab] sweep stopped by {name}; finish it with resume", file=sys.stderr)
+            print(
+                f"[moe_lab] sweep stopped by {name}; finish it with: "
+                f"python -m moe_lab.finish {config.hydra.sweep.dir}",
+                file=sys.stderr,
+            )
             raise SystemExit(128 + _received_signal)
 
 
@@ -658,4 +662,9 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-    main()
+    # Run the package's module, not this ``__main__`` copy of it: the sweep's signal state (and the
+    # task function that joblib's workers import by name) must be one module's, shared with the
+    # Hydra callback that ``conf/hydra/default.yaml`` imports as ``moe_lab.train.SweepSignals``.
+    from moe_lab.train import main as _main
+
+    _main()
