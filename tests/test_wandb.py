@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_module
+from conftest import compose_train, run_module
+from moe_lab.train import train
 from wandb_records import read_run
 
 TINY_SWEEP = [
@@ -54,7 +55,9 @@ def test_each_job_of_a_sweep_has_its_own_wandb_run(
         run = read_run(offline)
         assert run.run_id == summary["wandb_id"] and run.run_id in offline.name
         ids.add(run.run_id)
-        lr = summary["overrides"][[o.split("=")[0] for o in summary["overrides"]].index("optimizer.lr")]
+        lr = summary["overrides"][
+            [o.split("=")[0] for o in summary["overrides"]].index("optimizer.lr")
+        ]
         lr = float(lr.split("=")[1])
         # its own config: this job's learning rate and seed, not another job's
         assert run.config["config"]["optimizer"]["lr"] == lr
@@ -75,23 +78,26 @@ def test_each_job_of_a_sweep_has_its_own_wandb_run(
     assert len(ids) == 2
 
 
-def test_a_failed_job_finishes_its_wandb_run_as_failed(tmp_path: Path, data_dir: Path) -> None:
+def test_a_diverged_run_finishes_its_wandb_run_as_failed(tmp_path: Path, data_dir: Path) -> None:
     run_dir = tmp_path / "run"
     # a learning rate that diverges at once: the run ends "diverged"
-    proc = run_module(
-        "moe_lab.train", "data=digits", "model=moe", "optimizer=sgd", "optimizer.lr=1e12",
-        "trainer.max_epochs=1", "+trainer.limit_train_batches=3", "trainer.accelerator=cpu",
-        f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.returncode == 1
-    summary = json.loads((run_dir / "summary.json").read_text())
+    overrides = [
+        "data=digits", "model=moe", "optimizer=sgd", "optimizer.lr=1e12", "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=3", "trainer.accelerator=cpu", "logger=default",
+    ]  # fmt: skip
+    summary = train(compose_train(overrides, run_dir, data_dir))
     assert summary["status"] == "diverged"
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     run = read_run(offline)
     assert run.exit_code == 1  # W&B shows it failed
-    assert run.summary["status"] == "diverged"
-    # a single run is named by every override but where it runs and what it logs
+    assert run.summary["status"] == "diverged" and run.summary["error_type"] == "DivergedError"
+    assert run.run_id == summary["wandb_id"]
+    # a single run is named by all its overrides but where it runs and what it logs
     assert run.name == (
         "moe K=2 data=digits optimizer=sgd lr=1000000000000.0 max_epochs=1 "
         "limit_train_batches=3 accelerator=cpu seed=0"
     )
+    assert run.group == "adhoc"
+    # and the next run of this process gets a W&B run of its own
+    again = train(compose_train(overrides, tmp_path / "again", data_dir))
+    assert again["wandb_id"] != summary["wandb_id"]
