@@ -1,357 +1,274 @@
-"""The benchmark suite (``python -m moe_lab.bench``): output structure, ratios recomputed from the
-recorded samples, the layer shapes it measures, its refusals, and the interleaving it promises.
-
-Timings are never asserted: they depend on the machine."""
+"""The benchmark (``python -m moe_lab.bench``): its record follows from its own samples, its floor
+is the layer's own two products, its roofline's bytes follow the stated formula, its training
+runs are built from the composed config (a trainer override reaches them), and bad input gets a
+clear refusal. Timings are never asserted: they depend on the machine."""
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import REPO_ROOT, run_module
-from moe_lab.bench import main, parse_args
-from moe_lab.bench.layers import ConvMoEFloor, LayerCase, routing_unsupported_reason
-from moe_lab.bench.report import Target, make_row
-from moe_lab.bench.timing import PairSamples, interleave
-from moe_lab.layers import Conv1dMoE, Conv2dMoE
+from moe_lab.bench import layers, main, parse_args, training
+from moe_lab.bench.cli import Context
+from moe_lab.bench.measure import interleave
+from moe_lab.bench.report import Row
+from moe_lab.layers import Conv1dMoE
+
+CPU = torch.device("cpu")
 
 
-def _run(args: list[str], out: Path) -> dict[str, Any]:
-    code = main([*args, "--out", str(out)])
-    assert code == 0
-    assert (out / "bench.md").is_file()
-    return json.loads((out / "bench.json").read_text())
+def _ctx(tmp_path: Path, overrides: list[str] = (), repeats: int = 1) -> Context:
+    ctx = Context(CPU, quick=True, repeats=repeats, overrides=list(overrides), scratch=tmp_path)
+    ctx.bandwidth, ctx.gemm = 1e10, 1e10
+    return ctx
 
 
-def _check_row_arithmetic(row: dict[str, Any]) -> None:
-    """Everything a row reports follows from its own recorded samples."""
-    assert row["repeats"] >= 5
-    assert len(row["candidate_samples_s"]) == len(row["reference_samples_s"]) == row["repeats"]
-    cand = statistics.median(row["candidate_samples_s"])
-    ref = statistics.median(row["reference_samples_s"])
-    assert row["candidate_s"] == pytest.approx(cand, rel=1e-12)
-    assert row["reference_s"] == pytest.approx(ref, rel=1e-12)
-    assert cand > 0 and ref > 0
-    if row["metric"] == "time":
-        assert row["candidate_value"] == pytest.approx(cand)
-        assert row["reference_value"] == pytest.approx(ref)
-    else:
-        n = row["items_per_unit"]
-        assert row["candidate_value"] == pytest.approx(n / cand)
-        assert row["reference_value"] == pytest.approx(n / ref)
-    assert row["ratio"] == pytest.approx(row["candidate_value"] / row["reference_value"])
-    target = row["target"]
-    value = row[target["of"]]
-    if target["devices"] is not None and row["device"] not in target["devices"]:
-        assert row["pass"] is None
-    elif target["op"] == "<=":
-        assert row["pass"] is (value <= target["value"])
-    else:
-        assert row["pass"] is (value >= target["value"])
+def _check_row(row: dict[str, Any]) -> None:
+    """Every time is the median of its samples; every ratio the median of its per-round
+    ratios."""
+    for label, samples in row["samples"].items():
+        assert row["times"][label] == pytest.approx(statistics.median(samples), rel=1e-12)
+        assert all(s > 0 for s in samples)
+    for check in row["checks"].values():
+        if check["num"] is not None:
+            pairs = zip(row["samples"][check["num"]], row["samples"][check["den"]], strict=True)
+            assert check["value"] == pytest.approx(statistics.median(a / b for a, b in pairs))
+        if check["limit"] is None:
+            assert check["passed"] is None
+        else:
+            ok = (
+                check["value"] <= check["limit"]
+                if check["op"] == "<="
+                else check["value"] >= check["limit"]
+            )
+            assert check["passed"] is ok
 
 
-def test_quick_layers_writes_consistent_json_and_table(
+def test_quick_layer_sections_write_consistent_json_and_tables(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    report = _run(["--quick", "--only", "a", "--device", "cpu", "--threads", "1"], tmp_path / "b1")
-
-    env = report["environment"]
-    for key in ("cpu_model", "cpu_count", "torch", "lightning", "cuda", "python"):
-        assert key in env
-    assert env["torch"] == torch.__version__
-    assert env["torch_threads"] == 1 and report["options"]["threads"] == 1
-    assert report["options"]["only"] == ["a"] and report["errors"] == []
-
+    out = tmp_path / "b"
+    assert main(["--quick", "--only", "layers,peers", "--device", "cpu", "--threads", "1",
+                 "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "bench.json").read_text())
+    assert report["errors"] == [] and report["environment"]["torch"] == torch.__version__
+    assert report["machine"]["copy_bandwidth_GBps"] > 0 and report["machine"]["gemm_GFLOPs"] > 0
+    assert len(report["load_average_start"]) == 3
     rows = report["rows"]
-    assert rows and {r["section"] for r in rows} == {"a"}
     for row in rows:
-        _check_row_arithmetic(row)
-        assert row["device"] == "cpu" and row["metric"] == "time"
-        assert row["target"]["op"] == "<=" and row["target"]["value"] == pytest.approx(1.10)
-
-    # The seed's MoE CNN on CIFAR (SPEC 1.3): four conv layers (in, H×W, filters, padding) and
-    # the hidden dense 64·6·6 -> 512, all at batch 32 in quick mode.
-    measured = {
-        (
-            r["layer"]["class"],
-            r["layer"]["in"],
-            tuple(r["layer"]["input_size"]),
-            r["layer"]["out"],
-            r["layer"]["padding"],
+        _check_row(row)
+    by_section = {s: [r for r in rows if r["section"] == s] for s in ("layers", "peers")}
+    # the original's CIFAR-10 MoE network: four convs (in, out, H×W, padding), read from the model
+    cifar = {
+        (r["info"]["layer"]["in"], r["info"]["layer"]["out"], tuple(r["info"]["layer"]["input_size"]),
+         r["info"]["layer"]["padding"])
+        for r in by_section["layers"] if r["name"].startswith("Conv2dMoE cifar10")
+    }  # fmt: skip
+    assert cifar == {(3, 32, (32, 32), "same"), (32, 32, (32, 32), "valid"),
+                     (32, 64, (15, 15), "same"), (64, 64, (15, 15), "valid")}  # fmt: skip
+    for row in by_section["layers"]:
+        # roofline = floor + epilogue bytes / bandwidth, round by round
+        extra = row["info"]["epilogue_bytes"] / row["info"]["bandwidth"]
+        assert row["samples"]["roofline"] == pytest.approx(
+            [t + extra for t in row["samples"]["floor"]]
         )
-        for r in rows
-        if r["layer"]["dataset"] == "cifar10"
-    }
-    assert measured == {
-        ("Conv2dMoE", 3, (32, 32), 32, "same"),
-        ("Conv2dMoE", 32, (32, 32), 32, "valid"),
-        ("Conv2dMoE", 32, (15, 15), 64, "same"),
-        ("Conv2dMoE", 64, (15, 15), 64, "valid"),
-        ("DenseMoE", 2304, (), 512, "valid"),
-    }
-    classes = {r["layer"]["class"] for r in rows}
-    assert {"Conv1dMoE", "Conv3dMoE"} <= classes
-    assert {r["batch"] for r in rows} == {32}
-    # the network's first layer gets no input gradient, every other layer does
-    first = [r for r in rows if r["layer"]["position"] == 1]
-    assert first and not any(r["input_grad"] for r in first)
-    assert all(r["input_grad"] for r in rows if r["layer"]["position"] > 1)
-
-    table = (tmp_path / "b1" / "bench.md").read_text()
-    assert sum(line.startswith("| a |") for line in table.splitlines()) == len(rows)
-    assert "ratio" in table and "target" in table and env["cpu_model"] in table
-    assert len(env["load_average_start"]) == 3 and len(env["load_average_end"]) == 3
-    assert "| a |" in capsys.readouterr().out  # the table is printed too
+        target = row["checks"]["× roofline"]["limit"]
+        assert target == (1.25 if "cifar10 L" in row["name"] else None)
+        assert ("× naive port" in row["checks"]) == (not row["name"].startswith("DenseMoE"))
+    assert {type_ for r in by_section["layers"] for type_ in [r["info"]["layer"]["class"]]} == {
+        "Conv1dMoE", "Conv2dMoE", "Conv3dMoE", "DenseMoE"}  # fmt: skip
+    assert any("CondConv2d" in r["name"] for r in by_section["peers"])
+    loop = [r for r in by_section["peers"] if "per-expert loop" in r["name"]]
+    assert loop and all({"× peer", "× nn.Linear"} <= set(r["checks"]) for r in loop)
+    table = (out / "bench.md").read_text()
+    assert sum(
+        line.startswith("| Conv") or line.startswith("| Dense") for line in table.splitlines()
+    ) == len(rows)
+    assert "GB/s" in table and "GFLOP/s" in table and "Lightning" in table
+    assert "× roofline" in capsys.readouterr().out
 
 
-def test_cuda_without_cuda_is_a_clear_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("shape", "expected_out"),
+    [
+        (layers.Shape("s", 2, 3, 4, (3, 3), (9, 8), "same"), (9, 8)),
+        (layers.Shape("v", 2, 3, 4, (3, 3), (9, 8), "valid"), (7, 6)),
+        (layers.Shape("1d", 1, 2, 5, (5,), (11,), "same"), (11,)),
+        (layers.Shape("d", 0, 6, 5), ()),
+    ],
+)
+def test_floor_is_the_layers_two_products_and_bytes_follow_the_formula(
+    shape: layers.Shape, expected_out: tuple[int, ...]
 ) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    out = tmp_path / "never"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--device", "cuda", "--only", "a", "--quick", "--out", str(out)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "--device cuda" in err and "no CUDA device" in err and "--device cpu" in err
-    assert not out.exists()
+    """With the layer's weights copied in, the floor's outputs ARE the layer's expert
+    pre-activations and gate logits: mixing them by hand (softmax over K, weighted sum) gives
+    the layer's output."""
+    torch.manual_seed(0)
+    k, batch = 3, 2
+    layer = shape.build(k, gating_activation="softmax")  # linear experts
+    floor = layers.Floor(shape, k)
+    with torch.no_grad():
+        if shape.ndim:
+            floor.experts.weight.copy_(layer.expert_kernel)
+            floor.experts.bias.copy_(layer.expert_bias.reshape(-1))
+            floor.gate.weight.copy_(layer.gating_kernel.reshape(-1, shape.cout * k).T)
+        else:
+            floor.experts.weight.copy_(layer.expert_kernel.reshape(shape.cin, -1).T)
+            floor.experts.bias.copy_(layer.expert_bias.reshape(-1))
+            floor.gate.weight.copy_(layer.gating_kernel.T)
+        floor.gate.bias.copy_(layer.gating_bias.reshape(-1))
+    x = torch.randn(batch, shape.cin, *shape.size)
+    hidden, logits = floor(x)
+    out = layer(x)
+    spatial = hidden.shape[2:]
+    assert tuple(spatial) == expected_out
+    h = hidden.reshape(batch, shape.cout, k, *spatial)
+    if shape.ndim:
+        gates = torch.softmax(logits.reshape(batch, shape.cout, k), -1)
+    else:
+        gates = torch.softmax(logits, -1)[:, None, :].expand(batch, shape.cout, k)
+    mixed = (h * gates.reshape(*gates.shape, *([1] * len(spatial)))).sum(2)
+    torch.testing.assert_close(out, mixed)
+    n = batch * shape.cout * math.prod(expected_out)  # output elements
+    assert layers.epilogue_bytes(shape, batch, k, out) == 4 * ((k + 1) * n + (2 * k + 1) * n)
 
 
-def test_existing_output_dir_is_never_overwritten(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_model_shapes_come_from_the_composed_config(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    mnist1d = layers.model_shapes(ctx, "mnist1d")
+    assert mnist1d[0] == layers.Shape(mnist1d[0].label, 1, 1, 32, (5,), (40,), "same", first=True)
+    assert (mnist1d[1].cin, mnist1d[1].padding, mnist1d[1].first) == (32, "valid", False)
+    assert mnist1d[-1].ndim == 0 and mnist1d[-1].cout == 256
+    assert [type(layers.Shape.build(s, 2)) for s in mnist1d[:2]] == [Conv1dMoE, Conv1dMoE]
+
+
+def test_routing_rows_share_one_interleaved_group(tmp_path: Path) -> None:
+    rows = layers.run_routing(_ctx(tmp_path))
+    assert [r.name.split("top_k=")[1] for r in rows] == ["1", "2"]
+    # the dense K=16 side is the same measurement in every row of the group
+    assert rows[0].samples["dense K=16"] == rows[1].samples["dense K=16"]
+    for row in rows:
+        _check_row(row.to_json())
+        assert row.checks["× dense K=k"].limit == 1.5
+
+
+def test_missing_timm_is_a_row_that_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "taken"
-    out.mkdir()
-    (out / "bench.json").write_text("keep me")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--only", "d", "--quick", "--device", "cpu", "--out", str(out)])
-    assert exit_info.value.code == 2
-    assert "already exists" in capsys.readouterr().err
-    assert (out / "bench.json").read_text() == "keep me"
+    def no_timm(*args: object, **kwargs: object) -> None:
+        raise ImportError("No module named 'timm'")
+
+    monkeypatch.setattr(layers, "TimmCondConv", no_timm)
+    row = layers._condconv_row(_ctx(tmp_path), 2, 4, 4, 4, 2)
+    assert row.name.endswith("timm not installed") and not row.checks and not row.times
+
+
+def test_lightning_runs_follow_a_trainer_override(tmp_path: Path, data_dir: Path) -> None:
+    """The acceptance check: trainer settings changed through config reach the bench's Trainer
+    (read back from it), and the plain loop runs the steps the Trainer ran."""
+    overrides = ["++trainer.limit_train_batches=2", "++trainer.limit_val_batches=1",
+                 "trainer.precision=bf16-mixed", f"paths.data_dir={data_dir}"]  # fmt: skip
+    (row,) = training.run_lightning(_ctx(tmp_path / "s", overrides))
+    info = row.info
+    settings = (info["precision"], info["max_epochs"], info["limit_train_batches"])
+    assert settings == ("bf16-mixed", 2, 2)
+    assert (
+        info["steps"] == 2
+        and info["val_batches"] == 1
+        and info["checkpoint"]
+        and info["loggers"] == ["CSVLogger"]
+    )
+    assert {"ModelCheckpoint", "DivergenceMonitor"} <= set(info["callbacks"])
+    assert info["run_dir"].endswith("fit")  # its own run dir, not the plain loop's
+    _check_row(row.to_json())
+    assert (
+        row.checks["throughput × plain"].op == ">="
+        and row.checks["throughput × plain"].limit == 0.95
+    )
+
+
+@pytest.mark.slow
+def test_original_projection_follows_its_measurements(tmp_path: Path, data_dir: Path) -> None:
+    (row,) = training.run_original(_ctx(tmp_path, [f"paths.data_dir={data_dir}"]))
+    data = row.to_json()
+    _check_row(data)
+    for model in ("moe", "cnn"):
+        step, val = row.times[f"{model} step"], row.times[f"{model} val batch"]
+        expected = 16 * (math.ceil(50_000 / 32) * step + math.ceil(10_000 / 256) * val)
+        assert row.checks[f"{model} run, s"].value == pytest.approx(expected)
+        assert row.checks[f"{model} run, s"].limit is None  # the 30 s target is for an H100
+
+
+def test_interleave_rotates_the_order_and_drops_warmup() -> None:
+    calls: list[str] = []
+
+    def side(tag: str):
+        return lambda: calls.append(tag) or float(len(calls))
+
+    samples = interleave({"a": side("a"), "b": side("b"), "c": side("c")}, warmup=1, repeats=3)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert samples == {"a": [4.0, 9.0, 11.0], "b": [5.0, 7.0, 12.0], "c": [6.0, 8.0, 10.0]}
+
+
+def test_row_ratio_is_the_median_of_per_round_ratios() -> None:
+    row = Row("x", "r")
+    row.add("a", [1.0, 4.0, 9.0])
+    row.add("b", [2.0, 2.0, 3.0])
+    check = row.ratio("a/b", "a", "b", 1.0)
+    assert check.value == pytest.approx(2.0) and check.passed is False  # ratios 0.5, 2, 3
+    assert row.times == {"a": 4.0, "b": 2.0}
 
 
 @pytest.mark.parametrize(
     "argv",
     [
-        ["--only", "a,z"],
+        ["--only", "layers,nope"],
         ["--only", ""],
         ["--repeats", "3"],
         ["--device", "tpu"],
-        ["--precision", "16"],
         ["--threads", "0"],
     ],
 )
 def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         parse_args(argv)
-    assert exit_info.value.code == 2
-    assert "error:" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
 
 
-def test_parse_args_defaults() -> None:
-    options = parse_args([])
-    assert options.only == ("a", "b", "c", "d", "e")
-    assert (options.device, options.precision, options.quick, options.full) == (
-        "auto",
-        "32",
-        False,
-        False,
-    )
-    assert parse_args(["--only", "e,a,a"]).only == ("e", "a")
-
-
-def test_interleave_alternates_order_and_discards_warmup() -> None:
-    calls: list[str] = []
-
-    def fake(tag: str):
-        def run() -> float:
-            calls.append(tag)
-            return float(len(calls))  # the call's position, as its "measurement"
-
-        return run
-
-    samples = interleave(fake("c"), fake("r"), warmup=2, repeats=5)
-    assert calls == ["c", "r"] * 2 + ["c", "r", "r", "c", "c", "r", "r", "c", "c", "r"]
-    # only the timed calls' values are kept, each with its own side
-    assert samples.candidate == [5.0, 8.0, 9.0, 12.0, 13.0]
-    assert samples.reference == [6.0, 7.0, 10.0, 11.0, 14.0]
-    assert samples.repeats == 5 and samples.warmup == 2
-
-
-def test_make_row_ratios_and_targets() -> None:
-    samples = PairSamples(candidate=[0.4, 0.1, 0.2], reference=[0.3, 0.5, 0.4], warmup=1)
-    time_row = make_row(
-        section="x",
-        name="t",
-        candidate="c",
-        reference="r",
-        samples=samples,
-        metric="time",
-        target=Target("<=", 0.6),
-        device=torch.device("cpu"),
-    )
-    assert time_row["ratio"] == pytest.approx(0.2 / 0.4)
-    assert time_row["pass"] is True
-    rate_row = make_row(
-        section="x",
-        name="t",
-        candidate="c",
-        reference="r",
-        samples=samples,
-        metric="throughput",
-        target=Target(">=", 2.5),
-        device=torch.device("cpu"),
-        items_per_unit=32,
-    )
-    assert rate_row["candidate_value"] == pytest.approx(32 / 0.2)
-    assert rate_row["ratio"] == pytest.approx((32 / 0.2) / (32 / 0.4))  # = 2.0
-    assert rate_row["pass"] is False
-    gpu_only = make_row(
-        section="x",
-        name="t",
-        candidate="c",
-        reference="r",
-        samples=samples,
-        metric="time",
-        target=Target("<=", 30.0, of="candidate_s", devices=("cuda",)),
-        device=torch.device("cpu"),
-    )
-    assert gpu_only["pass"] is None
-    with pytest.raises(ValueError, match="items_per_unit"):
-        make_row(
-            section="x",
-            name="t",
-            candidate="c",
-            reference="r",
-            samples=samples,
-            metric="throughput",
-            target=Target(">=", 1.0),
-            device=torch.device("cpu"),
-        )
-
-
-@pytest.mark.parametrize(
-    ("layer_cls", "ndim", "input_size", "kernel", "padding"),
-    [
-        (Conv2dMoE, 2, (9, 8), 3, "same"),
-        (Conv2dMoE, 2, (9, 8), 4, "same"),  # odd Keras total: pad (1, 2)
-        (Conv2dMoE, 2, (9, 8), 3, "valid"),
-        (Conv1dMoE, 1, (11,), 5, "causal"),
-    ],
-)
-def test_floor_does_the_layers_two_products(
-    layer_cls: type, ndim: int, input_size: tuple[int, ...], kernel: int, padding: str
+def test_unusable_device_or_existing_out_dir_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The floor's conv computes exactly the layer's expert pre-activations (same weights, same
-    Keras padding) and its linear the gate logits: the same work, nothing more."""
-    torch.manual_seed(0)
-    in_ch, out_ch, k = 3, 4, 2
-    layer = layer_cls(in_ch, out_ch, k, kernel, input_size, padding=padding)
-    case = LayerCase("test", 1, ndim, in_ch, out_ch, (kernel,) * ndim, input_size, padding)
-    floor = ConvMoEFloor(case, k)
-    with torch.no_grad():
-        floor.conv.weight.copy_(layer.expert_kernel)
-        floor.conv.bias.copy_(layer.expert_bias.reshape(-1))
-        floor.gate.weight.copy_(layer.gating_kernel.reshape(-1, out_ch * k).T)
-        floor.gate.bias.copy_(layer.gating_bias.reshape(-1))
-    x = torch.randn(2, in_ch, *input_size)
-    hidden, logits = floor(x)
-
-    # independent reference: Keras padding by hand (total = (out-1) + k - n for 'same', smaller
-    # half before; k-1 before for 'causal'), then an unpadded convolution
-    pads = []
-    for _ in input_size:
-        if padding == "same":
-            total = max(kernel - 1, 0)
-            pads += [total // 2, total - total // 2]
-        elif padding == "causal":
-            pads += [kernel - 1, 0]
-        else:
-            pads += [0, 0]
-    conv = F.conv2d if ndim == 2 else F.conv1d
-    expected = conv(F.pad(x, pads), layer.expert_kernel, layer.expert_bias.reshape(-1))
-    torch.testing.assert_close(hidden, expected)
-    assert hidden.shape[2:] == layer.output_size
-    gate_expected = torch.einsum("bi,io->bo", x.reshape(2, -1), floor.gate.weight.T)
-    torch.testing.assert_close(logits, gate_expected + layer.gating_bias.reshape(-1))
-
-
-def test_routing_section_runs_or_skips_with_reason(tmp_path: Path) -> None:
-    report = _run(["--quick", "--only", "d", "--device", "cpu", "--threads", "1"], tmp_path / "d")
-    reason = routing_unsupported_reason()
-    if reason is not None:
-        assert report["rows"] == []
-        assert [s["section"] for s in report["skipped"]] == ["d"]
-        assert "top_k" in report["skipped"][0]["reason"]
-        assert "skipped" in (tmp_path / "d" / "bench.md").read_text()
-    else:
-        assert report["rows"] and {r["section"] for r in report["rows"]} == {"d"}
-        for row in report["rows"]:
-            _check_row_arithmetic(row)
-            assert row["target"]["value"] == pytest.approx(1.5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--device", "cuda", "--only", "layers", "--out", str(tmp_path / "n")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "n").exists()
+    (tmp_path / "taken").mkdir()
+    assert main(["--only", "layers", "--out", str(tmp_path / "taken")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    bad = ["--only", "lightning", "trainer.no_such_key=1", "--out", str(tmp_path / "o")]
+    assert main(bad) == 2
+    assert "trainer.no_such_key" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_module_entry_point_help() -> None:
     proc = run_module("moe_lab.bench", "--help", cwd=REPO_ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for option in ("--only", "--quick", "--device", "--precision", "--channels-last", "--full"):
-        assert option in proc.stdout
-
-
-@pytest.mark.slow
-def test_quick_training_sections_on_cpu(tmp_path: Path) -> None:
-    """b, c and e in quick mode: throughput rows whose ratios follow from their samples; e says
-    that its run time is extrapolated."""
-    report = _run(
-        ["--quick", "--only", "b,c,e", "--device", "cpu", "--threads", "1"], tmp_path / "t"
-    )
-    assert report["errors"] == []
-    rows = {r["section"]: r for r in report["rows"]}
-    assert sorted(r["section"] for r in report["rows"]) == ["b", "b", "c", "e"]
-    for row in report["rows"]:
-        _check_row_arithmetic(row)
-        assert row["metric"] == "throughput" and row["items_per_unit"] == 32
-    assert {r["features"] for r in report["rows"] if r["section"] == "b"} == {False, True}
-    assert rows["c"]["loader"] == "torch"
-    assert rows["b"]["target"]["value"] == pytest.approx(0.95)
-    e = rows["e"]
-    assert "extrapolated from" in e["run_estimate"] and "extrapolated from" in e["note"]
-    assert e["candidate_run_s"] > 0 and e["pass"] is None  # the 30 s target is for an H100
-
-
-@pytest.mark.slow
-def test_full_seed_run_is_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--full`` runs the protocol (here on a tiny CIFAR-shaped set) and reports measured run
-    times, not extrapolated ones."""
-    import moe_lab.bench.training as training
-
-    monkeypatch.setattr(training, "CIFAR_TRAIN", 64)
-    monkeypatch.setattr(training, "CIFAR_TEST", 32)
-    report = _run(
-        ["--quick", "--only", "e", "--full", "--device", "cpu", "--threads", "1"], tmp_path / "f"
-    )
-    (row,) = report["rows"]
-    _check_row_arithmetic(row)
-    assert row["run_estimate"].startswith("measured")
-    assert "extrapolated" not in row["note"]
-    assert row["candidate_run_s"] > 0 and row["reference_run_s"] > 0
+    for word in ("--only", "--quick", "--device", "layers", "lightning", "original", "overrides"):
+        assert word in proc.stdout
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_quick_gpu_subset(tmp_path: Path) -> None:
-    report = _run(["--quick", "--only", "a,c", "--device", "cuda"], tmp_path / "g")
-    assert report["errors"] == []
-    assert report["environment"]["gpu"]
-    assert {r["section"] for r in report["rows"]} == {"a", "c"}
+def test_quick_gpu_layers(tmp_path: Path) -> None:
+    out = tmp_path / "g"
+    assert main(["--quick", "--only", "layers", "--device", "cuda", "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["environment"]["gpu"] and report["rows"]
     for row in report["rows"]:
-        assert row["device"] == "cuda"
-        _check_row_arithmetic(row)
-    c = next(r for r in report["rows"] if r["section"] == "c")
-    assert c["loader"] == "resident" and c["target"]["value"] == pytest.approx(0.90)
+        _check_row(row)

@@ -1,11 +1,11 @@
-"""The MoE layers against independent references written here, from SPEC §1.1/§1.2:
+"""The MoE layers against independent references written here, from the original's formulas:
 
 - DenseMoE: a loop over experts, ``y = sum_k g(v_k.x + b_k) f(W_k x + c_k)``;
 - Conv{1,2,3}dMoE: for each filter f and expert k, the convolution of ONE expert kernel computed by
   an explicit loop over kernel offsets on an input zero-padded by the Keras formulas (never F.conv),
   gate logits as an explicit sum over the whole input volume, softmax over experts by hand.
 
-Also: Keras output lengths, the seed's channels-last weight layouts, gradcheck, init statistics,
+Also: Keras output lengths, the original's channels-last weight layouts, gradcheck, init statistics,
 and "a normal torch module" (dtypes, channels_last, compile, state_dict, seeding, pickling).
 """
 
@@ -39,7 +39,7 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-ACTIVATION_PAIRS = [(None, None), ("relu", "softmax")]  # the seed's defaults, and its demos'
+ACTIVATION_PAIRS = [(None, None), ("relu", "softmax")]  # the original's defaults, and its demos'
 # id -> (use_expert_bias, use_gating_bias)
 BIASES = {
     "biases": (True, True),
@@ -72,7 +72,7 @@ def act_by_hand(name: str | None, t: Tensor, expert_dim: int) -> Tensor:
 
 
 def keras_pads(n: int, k: int, s: int, d: int, padding: str | int) -> tuple[int, int]:
-    """(before, after) zero padding of one spatial dim, SPEC §1.2."""
+    """(before, after) zero padding of one spatial dim, Keras' 'same' and 'causal' rules."""
     span = (k - 1) * d + 1
     if padding == "valid":
         return 0, 0
@@ -87,7 +87,7 @@ def keras_pads(n: int, k: int, s: int, d: int, padding: str | int) -> tuple[int,
 
 
 def keras_out_len(n: int, k: int, s: int, d: int, padding: str | int) -> int:
-    """Output length straight from the SPEC §1.2 formulas (ints: nn.Conv's formula)."""
+    """Output length straight from Keras' formulas (ints: nn.Conv's formula)."""
     if padding == "valid":
         return (n - (k - 1) * d - 1) // s + 1
     if padding == "same":
@@ -147,7 +147,7 @@ def conv_moe_reference(
     expert_activation: str | None,
     gating_activation: str | None,
 ) -> Tensor:
-    """SPEC §1.2, filter by filter, expert by expert."""
+    """The original's formula, filter by filter, expert by expert."""
     ek, gk, eb, gb = (
         params[n] for n in ("expert_kernel", "gating_kernel", "expert_bias", "gating_bias")
     )
@@ -187,7 +187,7 @@ def dense_moe_reference(
     expert_activation: str | None,
     gating_activation: str | None,
 ) -> Tensor:
-    """SPEC §1.1, expert by expert."""
+    """The original's formula, expert by expert."""
     ek, gk, eb, gb = (
         params[n] for n in ("expert_kernel", "gating_kernel", "expert_bias", "gating_bias")
     )
@@ -333,7 +333,7 @@ def test_conv_moe_matches_reference(ndim: int, case: str, acts: tuple, biases: s
 
     y = layer(x)
 
-    # Keras output lengths, computed here from the SPEC formulas
+    # Keras output lengths, computed here from Keras' formulas
     padding = cfg["padding"]
     expected_size = tuple(
         keras_out_len(n, k, s, d, padding if isinstance(padding, str) else padding[i])
@@ -393,7 +393,7 @@ def test_conv_moe_empty_batch(ndim: int) -> None:
 
 
 def test_expert_softmax_normalises_over_experts() -> None:
-    """The agreed reading of the seed (Keras softmax on the last axis, which is the experts axis):
+    """The agreed reading of the original (Keras softmax on the last axis, which is the experts axis):
     as an expert activation too, softmax runs over the K experts of each unit/filter."""
     torch.manual_seed(0)
     dense = DenseMoE(3, 4, 3, expert_activation="softmax", gating_activation="tanh").double()
@@ -425,11 +425,11 @@ def test_conv_one_kernel_reference_against_hand_computed_1d() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The seed's Keras layouts map onto ours by a fixed permutation
+# The original's Keras layouts map onto ours by a fixed permutation
 # ---------------------------------------------------------------------------------------------
 
 
-def channels_last_conv_seed_layout(x_cl: Tensor, kernel: Tensor, cfg: dict) -> Tensor:
+def channels_last_conv_keras_layout(x_cl: Tensor, kernel: Tensor, cfg: dict) -> Tensor:
     """Keras Conv{1,2,3}D, channels last: ``x_cl (B, *S, C)``, kernel ``(*ks, C, O)`` -> ``(B, *S', O)``."""
     ndim = x_cl.dim() - 2
     pads = per_dim_pads(cfg)
@@ -454,60 +454,62 @@ def channels_last_conv_seed_layout(x_cl: Tensor, kernel: Tensor, cfg: dict) -> T
 
 
 @pytest.mark.parametrize("ndim", [1, 2, 3])
-def test_seed_conv_weights_map_by_fixed_permutation(ndim: int) -> None:
-    """Seed (Keras, channels last): expert_kernel (*ks, C, out*K) with channel f*K + k, gating_kernel
+def test_original_conv_weights_map_by_fixed_permutation(ndim: int) -> None:
+    """The original (Keras, channels last): expert_kernel (*ks, C, out*K) with channel f*K + k, gating_kernel
     (prod(*S, C) in (*S, C) order, out, K). Ours: expert_kernel.permute = (out*K, C, *ks), gating
-    kernel (C, *S, out, K). Build seed weights, compute the seed's forward channels-last, load the
+    kernel (C, *S, out, K). Build its weights, compute its forward channels-last, load the
     permuted weights into our layer, compare."""
     cfg = conv_config(ndim, "same_strided_dilated", 40 + ndim)
     cfg.update(in_channels=3, out_channels=2, n_experts=3)
     c, out, k, size, ks = 3, 2, 3, cfg["input_size"], cfg["kernel_size"]
     gen = torch.Generator().manual_seed(ndim)
-    seed_expert = torch.randn(*ks, c, out * k, generator=gen, dtype=torch.float64)
-    seed_gating = torch.randn(math.prod(size) * c, out, k, generator=gen, dtype=torch.float64) * 0.3
-    seed_expert_bias = torch.randn(out, k, generator=gen, dtype=torch.float64)
-    seed_gating_bias = torch.randn(out, k, generator=gen, dtype=torch.float64)
+    keras_expert = torch.randn(*ks, c, out * k, generator=gen, dtype=torch.float64)
+    keras_gating = (
+        torch.randn(math.prod(size) * c, out, k, generator=gen, dtype=torch.float64) * 0.3
+    )
+    keras_expert_bias = torch.randn(out, k, generator=gen, dtype=torch.float64)
+    keras_gating_bias = torch.randn(out, k, generator=gen, dtype=torch.float64)
     x_cl = torch.randn(2, *size, c, generator=gen, dtype=torch.float64)
 
-    # the seed's forward, channels last
-    hidden = channels_last_conv_seed_layout(x_cl, seed_expert, cfg)  # (B, *S', out*K)
-    hidden = hidden.unflatten(-1, (out, k)) + seed_expert_bias
+    # the original's forward, channels last
+    hidden = channels_last_conv_keras_layout(x_cl, keras_expert, cfg)  # (B, *S', out*K)
+    hidden = hidden.unflatten(-1, (out, k)) + keras_expert_bias
     hidden = hidden.clamp_min(0)
-    logits = x_cl.reshape(2, -1) @ seed_gating.reshape(-1, out * k)
-    gates = softmax_by_hand(logits.view(2, out, k) + seed_gating_bias, -1)
-    y_seed = (hidden * gates.view(2, *[1] * ndim, out, k)).sum(-1)  # (B, *S', out)
+    logits = x_cl.reshape(2, -1) @ keras_gating.reshape(-1, out * k)
+    gates = softmax_by_hand(logits.view(2, out, k) + keras_gating_bias, -1)
+    y_keras = (hidden * gates.view(2, *[1] * ndim, out, k)).sum(-1)  # (B, *S', out)
 
     # the fixed permutation onto our layout
     ours = {
-        "expert_kernel": seed_expert.permute(ndim + 1, ndim, *range(ndim)),
-        "gating_kernel": seed_gating.reshape(*size, c, out, k).permute(
+        "expert_kernel": keras_expert.permute(ndim + 1, ndim, *range(ndim)),
+        "gating_kernel": keras_gating.reshape(*size, c, out, k).permute(
             ndim, *range(ndim), ndim + 1, ndim + 2
         ),
-        "expert_bias": seed_expert_bias,
-        "gating_bias": seed_gating_bias,
+        "expert_bias": keras_expert_bias,
+        "gating_bias": keras_gating_bias,
     }
     layer = build_conv(cfg, expert_activation="relu", gating_activation="softmax").double()
     layer.load_state_dict(ours)
     y = layer(x_cl.movedim(-1, 1))
-    torch.testing.assert_close(y, y_seed.movedim(-1, 1), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y, y_keras.movedim(-1, 1), rtol=1e-10, atol=1e-10)
 
 
-def test_seed_dense_weights_are_our_layout() -> None:
-    """Dense: the seed's expert_kernel (in, units, K), gating_kernel (in, K), expert_bias
+def test_original_dense_weights_are_our_layout() -> None:
+    """Dense: the original's expert_kernel (in, units, K), gating_kernel (in, K), expert_bias
     (units, K), gating_bias (K,) load as they are."""
     gen = torch.Generator().manual_seed(0)
-    seed = {
+    keras = {
         "expert_kernel": torch.randn(4, 3, 2, generator=gen, dtype=torch.float64),
         "gating_kernel": torch.randn(4, 2, generator=gen, dtype=torch.float64),
         "expert_bias": torch.randn(3, 2, generator=gen, dtype=torch.float64),
         "gating_bias": torch.randn(2, generator=gen, dtype=torch.float64),
     }
     layer = DenseMoE(4, 3, 2, expert_activation="relu", gating_activation="softmax").double()
-    layer.load_state_dict(seed)
+    layer.load_state_dict(keras)
     x = torch.randn(6, 4, generator=gen, dtype=torch.float64)
-    # the seed's forward: K.dot(x, W) over (in, units, K), softmax over K, weighted sum over K
-    hidden = torch.einsum("ni,iuk->nuk", x, seed["expert_kernel"]) + seed["expert_bias"]
-    gates = softmax_by_hand(x @ seed["gating_kernel"] + seed["gating_bias"], -1)
+    # the original's forward: K.dot(x, W) over (in, units, K), softmax over K, weighted sum over K
+    hidden = torch.einsum("ni,iuk->nuk", x, keras["expert_kernel"]) + keras["expert_bias"]
+    gates = softmax_by_hand(x @ keras["gating_kernel"] + keras["gating_bias"], -1)
     expected = (hidden.clamp_min(0) * gates[:, None, :]).sum(-1)
     torch.testing.assert_close(layer(x), expected)
 
@@ -578,7 +580,7 @@ def test_gradcheck_float64(name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Initialisation statistics (SPEC §1.1 uniform limits, §1.2 normal std)
+# Initialisation statistics (the original's uniform limits for dense, normal std for conv)
 # ---------------------------------------------------------------------------------------------
 
 

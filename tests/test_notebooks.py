@@ -180,6 +180,34 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return markers[0].parent
 
 
+@pytest.fixture(scope="module")
+def tiny_comparison(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real tiny comparison (cnn vs moe on digits, 2 trials and 2 final seeds per arm, one
+    short epoch) made by the comparison CLI; returns its dir."""
+    root = tmp_path_factory.mktemp("comparison")
+    proc = run_module(
+        "moe_lab.compare",
+        "experiment=digits",
+        "compare.arms=[cnn,moe]",
+        "compare.trials=2",
+        "compare.seeds=2",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=3",
+        "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1",
+        "logger=csv",
+        "hydra/launcher=basic",
+        f"paths.data_dir={root / 'data'}",
+        f"paths.log_dir={root / 'out'}",
+        cwd=root,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"comparison failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    markers = list((root / "out" / "compare").glob("*/*/comparison.json"))
+    assert len(markers) == 1, f"expected one comparison dir, found {markers}"
+    return markers[0].parent
+
+
 def _raw_summaries(sweep: Path) -> dict[str, dict]:
     """``{job dir name: parsed summary.json}``, read straight from the files."""
     return {path.parent.name: json.loads(path.read_text()) for path in sweep.glob("*/summary.json")}
@@ -191,22 +219,32 @@ def _last_metrics_row(run_dir: Path) -> dict[str, str]:
 
 
 def test_explore_results_on_a_real_sweep(
-    tiny_sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_sweep: Path,
+    tiny_comparison: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("MOE_LAB_SWEEP_DIR", str(tiny_sweep))
+    monkeypatch.setenv("MOE_LAB_COMPARE_DIR", str(tiny_comparison))
     nb = nbformat.read(NOTEBOOK_DIR / "explore_results.ipynb", as_version=4)
     probe = (
         '{"sweep_dir": SWEEP_DIR,'
         ' "points": {r.run_name: [r.metric, float(r.params), float(r.accuracy)] for r in points.itertuples()},'
         ' "groups": {r.group: [r.model, int(r.n), float(r.mean), float(r.se)] for r in group_stats.itertuples()},'
-        ' "usage": {"|".join(map(str, key)): {str(c): float(v) for c, v in row.items()} for key, row in usage_table.iterrows()}}'
+        ' "usage": {"|".join(map(str, key)): {str(c): float(v) for c, v in row.items()} for key, row in usage_table.iterrows()},'
+        ' "compare_dir": COMPARE_DIR,'
+        ' "trials": {f"{r.arm}/{r.trial}": [r.state, float(r.value), r.run_dir] for r in trials.itertuples()},'
+        ' "evp": {f"{r.arm}/{r.n}": float(r.mean) for r in evp_table.itertuples()},'
+        ' "final": {r.arm: [int(r.final_n), float(r.test_acc_mean)] for r in final_summary.itertuples()},'
+        ' "best_params": best_params}'
     )
     nb = _execute(_with_probe(nb, probe), tmp_path)
     result = _probe_result(nb)
     assert result["sweep_dir"] == str(tiny_sweep)
 
-    # curves, accuracy vs params, expert usage
-    assert len(_images(nb)) == 3
+    # curves, accuracy vs params, expert usage; then the comparison's EVP, trace, final curves
+    assert len(_images(nb)) == 6
+    _check_comparison_views(result, tiny_comparison)
     markdown = [
         out["data"]["text/markdown"]
         for out in _outputs(nb)
@@ -254,6 +292,38 @@ def test_explore_results_on_a_real_sweep(
                 float(r[f"gate/{layer}/importance_{k}"]) for r in last_rows
             )
             assert usage[layer][f"mean gate, expert {k}"] == pytest.approx(expected_gate)
+
+
+def _check_comparison_views(result: dict[str, Any], comparison: Path) -> None:
+    """The notebook's comparison tables, against the comparison's raw summary.json files."""
+    assert result["compare_dir"] == str(comparison)
+    for arm in ("cnn", "moe"):
+        tune = {
+            p.parent.name: json.loads(p.read_text())
+            for p in (comparison / "tune" / arm).glob("*/summary.json")
+        }
+        final = [
+            json.loads(p.read_text()) for p in (comparison / "final" / arm).glob("*/summary.json")
+        ]
+        assert sorted(tune) == ["trial_000", "trial_001"] and len(final) == 2
+        values = []
+        for number in (0, 1):
+            state, value, run_dir = result["trials"][f"{arm}/{number}"]
+            assert state == "COMPLETE"
+            assert value == tune[Path(run_dir).name]["val_acc_best"]
+            values.append(value)
+        # expected best of n draws with replacement, by enumerating the 2**n tuples
+        assert result["evp"][f"{arm}/1"] == pytest.approx(statistics.fmean(values))
+        pairs = [max(a, b) for a in values for b in values]
+        assert result["evp"][f"{arm}/2"] == pytest.approx(statistics.fmean(pairs))
+        n_final, test_mean = result["final"][arm]
+        assert n_final == 2
+        assert test_mean == pytest.approx(statistics.fmean(s["test_acc"] for s in final))
+        best = max(range(2), key=lambda i: (values[i], -i))
+        best_summary = tune[f"trial_{best:03d}"]
+        assert all(
+            f"{k}={v!r}" in best_summary["overrides"] for k, v in result["best_params"][arm].items()
+        )
 
 
 def _first_cell_only(probe: str) -> nbformat.NotebookNode:

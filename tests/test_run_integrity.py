@@ -272,7 +272,7 @@ def test_a_signal_mid_epoch_records_interrupted_and_resume_finishes(
 
     runs = [read_run(p) for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
     assert len(runs) == 2 and {r.run_id for r in runs} == {summary["wandb_id"]}
-    assert runs[0].exit_code != 0 and runs[0].summary["status"] == "interrupted"
+    assert runs[0].exit_code != 0 and runs[0].summary["summary/status"] == "interrupted"
     assert [h["epoch"] for r in runs for h in r.history if "val/acc" in h] == [0, 1]
 
 

@@ -73,8 +73,8 @@ def test_each_job_of_a_sweep_has_its_own_wandb_run(
         assert [h["_step"] for h in run.history] == list(range(len(run.history)))
         # the record's final fields, and a clean exit
         for key in ("status", "test_acc", "val_acc_best", "params", "wall_time_s", "epochs"):
-            assert run.summary[key] == summary[key], key
-        assert run.summary["status"] == "completed" and run.exit_code == 0
+            assert run.summary[f"summary/{key}"] == summary[key], key
+        assert run.summary["summary/status"] == "completed" and run.exit_code == 0
     assert len(ids) == 2
 
 
@@ -90,7 +90,8 @@ def test_a_diverged_run_finishes_its_wandb_run_as_failed(tmp_path: Path, data_di
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     run = read_run(offline)
     assert run.exit_code == 1  # W&B shows it failed
-    assert run.summary["status"] == "diverged" and run.summary["error_type"] == "DivergedError"
+    assert run.summary["summary/status"] == "diverged"
+    assert run.summary["summary/error_type"] == "DivergedError"
     assert run.run_id == summary["wandb_id"]
     # a single run is named by all its overrides but where it runs and what it logs
     assert run.name == (

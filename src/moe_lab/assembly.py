@@ -13,9 +13,11 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig
 
 from moe_lab.lit import AtomicCheckpointIO, Classifier
+from moe_lab.lit.progress import MetricsProgressBar
 from moe_lab.models import ModelFacts
 
 # 4D/5D inputs have a channels-last layout; 1D data (3D tensors) has none.
@@ -64,10 +66,15 @@ def assemble_run(cfg: DictConfig, **trainer_overrides: Any) -> RunParts:
     at run time (e.g. no progress bar inside a sweep); everything else comes from ``cfg``.
     """
     set_process_options(cfg)
-    datamodule = instantiate(cfg.data, _convert_="all")
+    # test=false (a comparison's tuning trial): the data module never loads the test split
+    datamodule = instantiate(cfg.data, _convert_="all", load_test=bool(cfg.get("test", True)))
     module, facts = build_module(cfg, datamodule)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    # where the trainer shows a progress bar, one with the running loss and accuracy
+    show_bar = trainer_overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar"))
+    if show_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(MetricsProgressBar())
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         logger=loggers or False,

@@ -9,6 +9,7 @@ reaches the writer, the readers and the report's contract check together.
   in [0, 1]; values not known yet (or never, e.g. ``test_acc`` of a tuning trial) are ``null``.
 - :class:`MetricsRow`: one CSV row per completed epoch (``metrics.csv``), followed by the
   expert-usage columns of MoE models (:func:`gate_column`).
+- :class:`EvalRecord`: one checkpoint evaluation (``eval.json``, written by ``moe_lab.eval``).
 """
 
 from __future__ import annotations
@@ -181,8 +182,38 @@ def gate_column(layer: str, stat: str, expert: int | None = None) -> str:
     return f"gate/{layer}/{stat}" if expert is None else f"gate/{layer}/{stat}_{expert}"
 
 
+EVAL_FILE = "eval.json"
+
+
+@dataclass
+class EvalRecord:
+    """One checkpoint evaluation's ``eval.json`` (``python -m moe_lab.eval``)."""
+
+    ckpt_path: str = _field(doc="the scored checkpoint", kind="str", required=True)
+    run_dir: str = _field(doc="the training run the checkpoint belongs to", kind="str", required=True)  # fmt: skip
+    model: str | None = _field(doc="model config name of that run", kind="str")
+    trained_on: str | None = _field(doc="dataset the run trained on", kind="str")
+    data: str = _field(doc="dataset whose test split was scored", kind="str", required=True)
+    seed: int | None = _field(doc="the run's RNG seed", kind="int")
+    test_acc: float | None = _field(doc="test accuracy, a fraction in [0, 1]", kind="float", required=True)  # fmt: skip
+    test_loss: float | None = _field(doc="mean test cross-entropy", kind="float")
+    n_examples: int = _field(0, doc="test examples scored", kind="int", required=True)
+    device: str | None = _field(doc="device the evaluation ran on", kind="str")
+    wall_time_s: float | None = _field(doc="seconds the evaluation took", kind="float")
+    output_dir: str | None = _field(doc="the evaluation's own output dir", kind="str")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
 __all__ = [
     "ACCURACY_FIELDS",
+    "EVAL_FILE",
     "FIELD_DOCS",
     "FIELD_KINDS",
     "FINAL_STATUSES",
@@ -195,6 +226,7 @@ __all__ = [
     "STAGES",
     "SUMMARY_FIELDS",
     "SUMMARY_FILE",
+    "EvalRecord",
     "MetricsRow",
     "RunSummary",
     "gate_column",

@@ -40,6 +40,7 @@ from hydra.types import RunMode
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from moe_lab import console
 from moe_lab.assembly import RunParts, assemble_run
 from moe_lab.config import (
     CONFIG_DIR,
@@ -51,6 +52,7 @@ from moe_lab.config import (
 )
 from moe_lab.layers import MoEBase
 from moe_lab.lit import DivergedError
+from moe_lab.lit.loggers import log_final_record
 from moe_lab.models import ModelFacts
 from moe_lab.record import METRICS_FILE, SUMMARY_FILE, RunSummary, validate_summary
 from moe_lab.utils.io import atomic_write_json, atomic_write_text, remove_stale_tmp_files
@@ -296,19 +298,6 @@ def _record_history(summary: RunSummary, history: list[dict[str, float]]) -> Non
 
 # -- W&B: one run per job ---------------------------------------------------------------------
 
-#: the record's fields that go to the W&B run's summary when the job ends
-WANDB_SUMMARY_FIELDS = (
-    "status",
-    "error_type",
-    "epochs",
-    "val_acc_best",
-    "val_acc_last",
-    "test_acc",
-    "params",
-    "flops_per_example",
-    "wall_time_s",
-    "segments",
-)
 # keys that never name a job: where it runs, what it logs, and the ones the name already shows
 _UNNAMED_KEYS = ("experiment", "model", "experts", "seed", "resume", "paths", "hydra", "logger")
 
@@ -405,8 +394,8 @@ def _finish_stray_wandb_run() -> None:
 
 
 def _finish_wandb(parts: RunParts | None, summary: RunSummary) -> None:
-    """Write the record's final fields to each W&B run's summary and finish it (exit code 0 for
-    completed, 1 otherwise, so W&B marks it failed)."""
+    """Finish each W&B run of the job (exit code 0 for completed, 1 otherwise, so W&B marks it
+    failed); the record's final fields are in its summary already (``log_final_record``)."""
     from lightning.pytorch.loggers import WandbLogger
 
     for lg in parts.loggers if parts is not None else []:
@@ -414,7 +403,6 @@ def _finish_wandb(parts: RunParts | None, summary: RunSummary) -> None:
         if not isinstance(lg, WandbLogger) or run is None or not hasattr(run, "finish"):
             continue
         try:
-            run.summary.update({k: getattr(summary, k) for k in WANDB_SUMMARY_FIELDS})
             run.finish(exit_code=0 if summary.status == "completed" else 1)
         except Exception as err:  # W&B trouble must not cost the run's own record
             log.warning("could not finish the W&B run: %s: %s", type(err).__name__, err)
@@ -497,13 +485,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if _is_main_process():
         remove_stale_tmp_files(run_dir)
+    console.start_run(cfg, run_dir)  # noise filters, config tree to the run's log
     base_wall = (previous.wall_time_s or 0.0) if previous else 0.0
     summary.segments = (previous.segments if previous else 0) + 1
     summary.wandb_id = previous.wandb_id if previous else None
     start = time.perf_counter()
     parts: RunParts | None = None
 
-    def write_summary(module: Any = None) -> None:
+    def write_summary(module: Any = None, final: bool = False) -> None:
         if module is not None and module.history:
             _record_history(summary, module.history)
         elif previous is not None and summary.epochs == 0:
@@ -513,7 +502,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 previous.val_acc_last,
                 previous.val_acc_best,
             )
-        summary.wall_time_s = round(base_wall + time.perf_counter() - start, 3)
+        if not final:  # the final record keeps the time the trackers were given
+            summary.wall_time_s = round(base_wall + time.perf_counter() - start, 3)
         if _is_main_process():  # DDP's other ranks run this function too
             atomic_write_json(run_dir / SUMMARY_FILE, summary.to_dict())
 
@@ -546,10 +536,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     # checkpoint that validation chose; without one (the original's protocol)
                     # validation IS the test set.
                     held_out = float(cfg.data.get("val_split", 0.0) or 0.0) > 0
+                    # fast_dev_run (or no checkpoint callback) saves no best checkpoint to test
+                    has_best = not parts.trainer.fast_dev_run and parts.trainer.checkpoint_callback
                     parts.trainer.test(
                         parts.module,
                         datamodule=parts.datamodule,
-                        ckpt_path="best" if held_out else None,
+                        ckpt_path="best" if held_out and has_best else None,
                         weights_only=True,
                         verbose=False,
                     )
@@ -592,8 +584,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         finally:
             # a second signal during the clean-up must not cost the record
             with contextlib.suppress(RunInterrupted):
+                summary.wall_time_s = round(base_wall + time.perf_counter() - start, 3)
+                if parts is not None and _is_main_process():
+                    if parts.module.history:
+                        _record_history(summary, parts.module.history)
+                    # the final record in each tracker's own place
+                    log_final_record(parts.trainer.loggers, summary)
                 try:
-                    write_summary(parts.module if parts is not None else None)
+                    write_summary(parts.module if parts is not None else None, final=True)
                 except OSError as err:
                     full = _no_space(err)
                     reason = "no space left on device" if full else str(err)
@@ -602,6 +600,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                         file=sys.stderr,
                     )
                 _finish_wandb(parts, summary)
+                if _is_main_process():
+                    console.end_run(summary.to_dict())  # the end-of-run line
     return summary.to_dict()
 
 

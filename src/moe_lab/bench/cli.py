@@ -1,4 +1,4 @@
-"""The command line and the suite runner."""
+"""``python -m moe_lab.bench``: the command line, the run's context and the section runner."""
 
 from __future__ import annotations
 
@@ -8,233 +8,183 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .core import (
-    DEVICES,
-    PRECISIONS,
-    SECTION_TITLES,
-    SECTIONS,
-    BenchContext,
-    BenchOptions,
-    SectionResult,
-    resolve_device,
-)
-from .report import environment_info, render_markdown, write_outputs
+from .measure import Clock, copy_bandwidth, environment, gemm_rate, load_average
+from .report import Row, render_markdown, write_outputs
 
-__all__ = ["default_out_dir", "main", "parse_args", "run_bench"]
+SECTIONS = {
+    "layers": "MoE layers against their floor, their roofline and the naive port of the original",
+    "peers": "moe_lab against what users would pick instead (timm CondConv2d, a per-expert loop)",
+    "routing": "sparse routing: K=16 experts, top-k, against k dense experts and all 16",
+    "lightning": "Trainer.fit against a plain PyTorch loop (the mnist1d step, composed config)",
+    "original": "the original's CIFAR-10 protocol: measured steps, projected run time",
+}
 
 
-def _section_runners() -> dict[str, Callable[[BenchContext], SectionResult]]:
-    # imported here: the training sections pull in Lightning and Hydra
-    from .layers import run_layers, run_routing
-    from .training import run_data_path, run_fit, run_seed_protocol
+@dataclass
+class Context:
+    """What every section gets: device and clock, repeat counts, this machine's measured copy
+    bandwidth (B/s) and GEMM rate (FLOP/s), config overrides for the training sections, and a
+    scratch dir (deleted at the end)."""
+
+    device: torch.device
+    quick: bool
+    repeats: int
+    overrides: list[str]
+    scratch: Path
+    bandwidth: float = 0.0
+    gemm: float = 0.0
+    clock: Clock = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.clock = Clock(self.device)
+
+    @property
+    def warmup(self) -> int:
+        return 3 if self.device.type == "cuda" else 1
+
+    @property
+    def min_sample_s(self) -> float:
+        return 0.01 if self.quick else 0.05
+
+
+def _runners() -> dict[str, Callable[[Context], Iterable[Row]]]:
+    from .layers import run_layers, run_peers, run_routing  # imported late: Lightning is slow
+    from .training import run_lightning, run_original
 
     return {
-        "a": run_layers,
-        "b": run_fit,
-        "c": run_data_path,
-        "d": run_routing,
-        "e": run_seed_protocol,
+        "layers": run_layers,
+        "peers": run_peers,
+        "routing": run_routing,
+        "lightning": run_lightning,
+        "original": run_original,
     }
 
 
-def default_out_dir() -> Path:
-    """``outputs/bench/<timestamp>_<pid>`` under the current directory."""
-    return Path("outputs") / "bench" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
-
-
-def _make_out_dir(out: Path | None) -> Path:
-    path = out if out is not None else default_out_dir()
-    if path.exists():
-        raise FileExistsError(
-            f"output dir {path} already exists; the bench never overwrites results: pass a new "
-            "--out DIR (or leave --out out for outputs/bench/<timestamp>_<pid>)"
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "--device cuda was requested but no CUDA device is available; run with --device cpu"
         )
-    path.mkdir(parents=True)
-    return path
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-def run_bench(options: BenchOptions) -> tuple[dict[str, Any], Path]:
-    """Run the chosen sections, write ``bench.json`` and ``bench.md`` into a new output dir and
-    return the report (the content of bench.json) and the dir.
+def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[Row]]:
+    """Run the chosen sections; write bench.json and bench.md into ``args.out`` (a new dir)."""
+    device = resolve_device(args.device)
+    if args.overrides and {"lightning", "original"} & set(args.only):
+        from moe_lab.config import compose_config
 
-    Raises:
-        ValueError: ``--device cuda`` without CUDA (checked before anything is created).
-        FileExistsError: the output dir exists already.
-    """
-    device = resolve_device(options.device)
-    threads = options.threads
-    if threads is None:
-        try:
-            threads = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as conf/trainer/gpu.yaml: static shapes
-    out_dir = _make_out_dir(options.out)
-
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        try:  # a bad override is refused here, before anything is measured
+            compose_config(list(args.overrides), output_dir=tempfile.gettempdir())
+        except Exception as err:
+            raise ValueError(f"config overrides {list(args.overrides)}: {err}") from None
+    out = args.out or Path(
+        "outputs", "bench", f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
+    )
+    if out.exists():
+        raise FileExistsError(f"output dir {out} already exists: pass a new --out DIR")
+    out.mkdir(parents=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     begin = time.perf_counter()
     report: dict[str, Any] = {
-        "started": started,
-        "wall_time_s": None,
-        "options": {
-            "device": options.device,
-            "only": list(options.only),
-            "quick": options.quick,
-            "precision": options.precision,
-            "channels_last": options.channels_last,
-            "compile": options.compile,
-            "full": options.full,
-            "threads": threads,
-            "repeats": options.repeats,
-        },
-        "environment": {**environment_info(device), "load_average_start": _load_average()},
-        "rows": [],
-        "skipped": [],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "environment": environment(device),
+        "load_average_start": load_average(),
         "errors": [],
-        "notes": [],
     }
-    runners = _section_runners()
-    print(f"moe_lab bench on {device} ({threads} torch threads) -> {out_dir}", flush=True)
+    repeats = args.repeats or (5 if args.quick else 7)
+    rows: list[Row] = []
+    runners = _runners()
     with tempfile.TemporaryDirectory(prefix="moe_bench_") as scratch:
-        ctx = BenchContext(options=options, device=device, scratch=Path(scratch))
-        for section in SECTIONS:
-            if section not in options.only:
-                continue
-            print(f"[{section}] {SECTION_TITLES[section]}", flush=True)
-            section_begin = time.perf_counter()
+        ctx = Context(device, args.quick, repeats, list(args.overrides), Path(scratch))
+        ctx.bandwidth, ctx.gemm = copy_bandwidth(ctx.clock, repeats), gemm_rate(ctx.clock, repeats)
+        report["machine"] = {
+            "copy_bandwidth_GBps": ctx.bandwidth / 1e9,
+            "gemm_GFLOPs": ctx.gemm / 1e9,
+        }
+        print(f"moe_lab bench on {device}, {torch.get_num_threads()} threads -> {out}", flush=True)
+        for section in args.only:
+            print(f"[{section}] {SECTIONS[section]}", flush=True)
             try:
-                result = runners[section](ctx)
+                for row in runners[section](ctx):
+                    rows.append(row)
+                    print(row.progress(), flush=True)
             except Exception as err:  # one broken section must not lose the others' numbers
                 traceback.print_exc()
                 report["errors"].append(
                     {"section": section, "error": f"{type(err).__name__}: {err}"}
                 )
-                report["skipped"].append(
-                    {
-                        "section": section,
-                        "name": SECTION_TITLES[section],
-                        "reason": f"failed: {type(err).__name__}: {err}",
-                    }
-                )
-                continue
-            report["rows"] += result.rows
-            report["skipped"] += result.skipped
-            report["notes"] += result.notes
-            print(f"[{section}] done in {time.perf_counter() - section_begin:.1f} s", flush=True)
     report["wall_time_s"] = time.perf_counter() - begin
-    report["environment"]["load_average_end"] = _load_average()
-    json_path, md_path = write_outputs(out_dir, report)
-    print()
-    print(render_markdown(report), end="")
-    print(f"\nwrote {json_path} and {md_path}", flush=True)
-    return report, out_dir
+    report["load_average_end"] = load_average()
+    report["rows"] = [r.to_json() for r in rows]
+    markdown = render_markdown(report, rows, SECTIONS)
+    write_outputs(out, report, markdown)
+    print("\n" + markdown + f"\nwrote {out / 'bench.json'} and {out / 'bench.md'}", flush=True)
+    return report, rows
 
 
-def _load_average() -> list[float] | None:
-    """The 1/5/15-minute load averages: other processes' CPU use makes CPU timings noisy."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _sections(text: str) -> tuple[str, ...]:
-    parts = tuple(p.strip().lower() for p in text.split(",") if p.strip())
-    unknown = [p for p in parts if p not in SECTIONS]
-    if unknown or not parts:
+def _sections(text: str) -> list[str]:
+    parts = list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    if not parts or any(p not in SECTIONS for p in parts):
         raise argparse.ArgumentTypeError(
-            f"expected a comma-separated subset of {','.join(SECTIONS)} (e.g. a,b), got {text!r}"
+            f"expected a comma-separated subset of {','.join(SECTIONS)}, got {text!r}"
         )
-    return tuple(dict.fromkeys(parts))
+    return parts
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    sections = "\n".join(f"  {k}. {v}" for k, v in SECTION_TITLES.items())
+def _at_least(low: int, why: str = "") -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}{why}, got {text}")
+        return int(text)
+
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    sections = "\n".join(f"  {k}: {v}" for k, v in SECTIONS.items())
     parser = argparse.ArgumentParser(
         prog="python -m moe_lab.bench",
-        description=(
-            "Benchmark suite: every figure is a ratio of a candidate against a reference "
-            "measured side by side (interleaved repeats, median after warm-up) in this process. "
-            "Writes bench.json and bench.md into the output dir and prints the table.\n\n"
-            f"Sections:\n{sections}"
-        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="moe_lab against its floor, its roofline and its peers, measured side by "
+        f"side in one process; writes bench.json and bench.md.\n\nsections:\n{sections}",
     )
     parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="output dir (must not exist); default outputs/bench/<timestamp>_<pid>",
+        "overrides",
+        nargs="*",
+        help="config overrides for the training "
+        "sections, as moe_lab.train takes them (e.g. trainer.precision=bf16-mixed)",
     )
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
+    parser.add_argument("--out", type=Path, help="new output dir (default outputs/bench/<time>)")
+    parser.add_argument("--only", type=_sections, default=list(SECTIONS), metavar="A,B")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and steps (tests)")
+    parser.add_argument("--threads", type=_at_least(1), help="torch threads (default: torch's)")
     parser.add_argument(
-        "--only",
-        type=_sections,
-        default=SECTIONS,
-        metavar="a,b,...",
-        help=f"sections to run (default: all of {','.join(SECTIONS)})",
+        "--repeats",
+        type=_at_least(5, " (a median of >= 5)"),
+        help="repeats per figure (default 7, quick 5)",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="fewer sizes and steps (5 repeats), for tests"
-    )
-    parser.add_argument("--precision", choices=PRECISIONS, default="32", help="default: 32")
-    parser.add_argument(
-        "--channels-last", action="store_true", help="channels_last inputs and weights (2D/3D)"
-    )
-    parser.add_argument(
-        "--compile", action="store_true", help="torch.compile the layers and networks (once each)"
-    )
-    parser.add_argument(
-        "--full",
-        action="store_true",
-        help="section e runs the whole 16-epoch seed protocol instead of extrapolating",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: the usable cores)"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="repeats per figure, >= 5 (default 7; quick 5)"
-    )
-    return parser
-
-
-def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
-    """Command line -> :class:`BenchOptions` (exits with status 2 on a bad argument)."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return BenchOptions(
-            device=args.device,
-            only=tuple(args.only),
-            quick=args.quick,
-            precision=args.precision,
-            channels_last=args.channels_last,
-            compile=args.compile,
-            full=args.full,
-            threads=args.threads,
-            repeats=args.repeats,
-            out=args.out,
-        )
-    except ValueError as err:
-        parser.error(str(err))
-        raise  # unreachable: parser.error exits
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m moe_lab.bench`` / ``moe-bench``. Returns 0, or 1 when a section failed;
-    exits with status 2 on a bad argument, an unusable device or an existing output dir."""
-    options = parse_args(argv)
+    """Returns 0, or 1 when a section failed; 2 on an unusable device or an existing --out."""
+    args = parse_args(argv)
     try:
-        report, _ = run_bench(options)
+        report, _ = run_bench(args)
     except (ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return 2
     return 1 if report["errors"] else 0

@@ -1,287 +1,121 @@
-"""Result rows, targets, the machine's description, and the bench.json / bench.md outputs."""
+"""The bench's record: one :class:`Row` per figure, and its bench.json / bench.md renderings."""
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from moe_lab.utils.io import atomic_write_json, atomic_write_text
 
-from .timing import PairSamples, median
-
-__all__ = [
-    "METRICS",
-    "Target",
-    "environment_info",
-    "make_row",
-    "render_markdown",
-    "write_outputs",
-]
-
-#: ``time``: values are median seconds per call, lower is better; ``throughput``: values are
-#: items (images) per second, higher is better. Either way ``ratio = candidate_value /
-#: reference_value``.
-METRICS = ("time", "throughput")
+from .measure import median
 
 
-@dataclass(frozen=True)
-class Target:
-    """A limit on one field of a row: ``row[of] <op> value``.
+@dataclass
+class Check:
+    """A ratio (of the samples ``num`` and ``den`` where both are given) against a limit.
 
-    ``devices`` limits where the target applies (e.g. ``("cuda",)`` for a figure set for an
-    H100); elsewhere the row is reported with result ``n/a``.
-    """
+    ``limit`` None: reported, no target here (e.g. a GPU target on a CPU run)."""
 
-    op: str
     value: float
-    of: str = "ratio"
-    devices: tuple[str, ...] | None = None
-    text: str | None = None
+    op: str = "<="
+    limit: float | None = None
+    num: str | None = None
+    den: str | None = None
 
-    def __post_init__(self) -> None:
-        if self.op not in ("<=", ">="):
-            raise ValueError(f"Target op must be '<=' or '>=', got {self.op!r}")
-
-    def describe(self) -> str:
-        if self.text is not None:
-            return self.text
-        sign = "≤" if self.op == "<=" else "≥"
-        what = "" if self.of == "ratio" else f"{self.of} "
-        return f"{what}{sign} {self.value:g}"
-
-    def check(self, row: dict[str, Any]) -> bool | None:
-        """True/False, or None where the target does not apply (another device, no value)."""
-        if self.devices is not None and row["device"] not in self.devices:
+    @property
+    def passed(self) -> bool | None:
+        if self.limit is None:
             return None
-        value = row.get(self.of)
-        if value is None:
-            return None
-        return bool(value <= self.value) if self.op == "<=" else bool(value >= self.value)
+        return self.value <= self.limit if self.op == "<=" else self.value >= self.limit
+
+
+@dataclass
+class Row:
+    """One figure: seconds of each measured side (``times``; medians of ``samples``, or derived
+    from them, like a roofline), its ratios (``checks``) and what it was measured on (``info``)."""
+
+    section: str
+    name: str
+    times: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    checks: dict[str, Check] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, label: str, samples: list[float]) -> float:
+        self.samples[label] = samples
+        self.times[label] = median(samples)
+        return self.times[label]
+
+    def ratio(
+        self, label: str, num: str, den: str, limit: float | None = None, op: str = "<="
+    ) -> Check:
+        """The median over rounds of ``num / den``: each round ran both sides back to back, so
+        a burst of load from other processes mostly hits a round's both sides."""
+        pairs = zip(self.samples[num], self.samples[den], strict=True)
+        self.checks[label] = Check(median([a / b for a, b in pairs]), op, limit, num, den)
+        return self.checks[label]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "of": self.of,
-            "op": self.op,
-            "value": self.value,
-            "devices": None if self.devices is None else list(self.devices),
-            "text": self.describe(),
-        }
+        out = dataclasses.asdict(self)
+        for label, check in self.checks.items():
+            out["checks"][label]["passed"] = check.passed
+        return out
+
+    def progress(self) -> str:
+        cells = [f"{k} {_seconds(v)}" for k, v in self.times.items()]
+        cells += [f"{k} {_check(c)}" for k, c in self.checks.items()]
+        return f"  {self.name}: " + ", ".join(cells).replace("**", "")
 
 
-def make_row(
-    *,
-    section: str,
-    name: str,
-    candidate: str,
-    reference: str,
-    samples: PairSamples,
-    metric: str,
-    target: Target,
-    device: torch.device,
-    items_per_unit: int | None = None,
-    inner: int = 1,
-    note: str = "",
-    **extra: Any,
-) -> dict[str, Any]:
-    """One measured figure.
-
-    ``samples`` hold seconds per unit (one call for layer figures, one training step for the
-    training figures). ``candidate_s``/``reference_s`` are their medians; the values compared are
-    those medians (``metric="time"``) or ``items_per_unit / median`` (``"throughput"``, items/s),
-    and ``ratio = candidate_value / reference_value``.
-    """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if metric == "throughput" and not items_per_unit:
-        raise ValueError("a throughput figure needs items_per_unit (e.g. the batch size)")
-    candidate_s = median(samples.candidate)
-    reference_s = median(samples.reference)
-    if metric == "time":
-        candidate_value, reference_value, unit = candidate_s, reference_s, "s"
-    else:
-        assert items_per_unit is not None
-        candidate_value = items_per_unit / candidate_s
-        reference_value = items_per_unit / reference_s
-        unit = "items/s"
-    row: dict[str, Any] = {
-        "section": section,
-        "name": name,
-        "candidate": candidate,
-        "reference": reference,
-        "metric": metric,
-        "unit": unit,
-        "candidate_s": candidate_s,
-        "reference_s": reference_s,
-        "candidate_value": candidate_value,
-        "reference_value": reference_value,
-        "ratio": candidate_value / reference_value,
-        "items_per_unit": items_per_unit,
-        "device": device.type,
-        "repeats": samples.repeats,
-        "warmup": samples.warmup,
-        "inner": inner,
-        "candidate_samples_s": list(samples.candidate),
-        "reference_samples_s": list(samples.reference),
-        "note": note,
-    }
-    row.update(extra)
-    row["target"] = target.to_json()
-    row["pass"] = target.check(row)
-    return row
+def _seconds(value: float) -> str:
+    if value >= 1.0:
+        return f"{value:.2f} s"
+    return f"{value * 1e3:.2f} ms" if value >= 1e-3 else f"{value * 1e6:.0f} µs"
 
 
-# -- the machine ----------------------------------------------------------------------------------
+def _check(check: Check) -> str:
+    value = f"{check.value:,.0f}" if check.value >= 100 else f"{check.value:.2f}"
+    if check.passed is None:
+        return value
+    text = f"{value} ({'≤' if check.op == '<=' else '≥'} {check.limit:g})"
+    return text if check.passed else f"**{text} miss**"
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def _git_commit() -> str | None:
-    """The checkout's commit (with ``-dirty``), when the package runs from a git checkout."""
-    root = Path(__file__).resolve().parents[3]
-    if not (root / ".git").exists():
-        return None
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def environment_info(device: torch.device) -> dict[str, Any]:
-    """Hardware and software the numbers were measured on."""
-    import lightning
-
-    try:
-        usable_cores: int | None = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable_cores = None
-    info: dict[str, Any] = {
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "usable_cores": usable_cores,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "gpu": None,
-        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-        "device": str(device),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "git_commit": _git_commit(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
-        info["gpu_capability"] = f"{props.major}.{props.minor}"
-    return info
-
-
-# -- outputs ----------------------------------------------------------------------------------------
-
-
-def _fmt_value(row: dict[str, Any], which: str) -> str:
-    value = row[f"{which}_value"]
-    if row["metric"] == "time":
-        if value >= 1.0:
-            return f"{value:.3f} s"
-        if value >= 1e-3:
-            return f"{value * 1e3:.2f} ms"
-        return f"{value * 1e6:.1f} µs"
-    return f"{value:,.0f} img/s"
-
-
-def _result(row: dict[str, Any]) -> str:
-    return {True: "pass", False: "**miss**", None: "n/a"}[row["pass"]]
-
-
-def _loads(values: list[float] | None) -> str:
-    return "n/a" if not values else "/".join(f"{v:g}" for v in values)
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """The report as markdown: what was measured where, then one table row per figure."""
-    env, opts = report["environment"], report["options"]
-    gpu = f", GPU {env['gpu']}" if env.get("gpu") else ""
+def render_markdown(report: dict[str, Any], rows: list[Row], titles: dict[str, str]) -> str:
+    """The machine, then one table per section: seconds per call (or step) of each side, and
+    each ratio with its target (missed targets in bold)."""
+    env, m = report["environment"], report["machine"]
+    loads = f"{report['load_average_start']} at start, {report['load_average_end']} at end"
     lines = [
-        "# moe_lab benchmark",
+        f"moe_lab bench, {report['started']}, {report['wall_time_s']:.0f} s: {env['device']}, "
+        f"CPU {env['cpu_model']} ({env['cpu_count']} cores, {env['torch_threads']} torch "
+        f"threads){', GPU ' + env['gpu'] if env['gpu'] else ''}; torch {env['torch']}, "
+        f"Lightning {env['lightning']}, Python {env['python']}.",
         "",
-        f"- started {report['started']}, suite wall time {report['wall_time_s']:.1f} s",
-        f"- device `{env['device']}`: CPU {env['cpu_model']} ({env['usable_cores']} usable of "
-        f"{env['cpu_count']} cores){gpu}; torch threads {env['torch_threads']}",
-        f"- torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']}), Lightning "
-        f"{env['lightning']}, Python {env['python']}, commit {env['git_commit']}",
-        f"- load average (1/5/15 min) at start {_loads(env.get('load_average_start'))}, at end "
-        f"{_loads(env.get('load_average_end'))}: other processes' CPU use makes CPU timings noisy",
-        f"- precision {opts['precision']}, channels_last {opts['channels_last']}, compile "
-        f"{opts['compile']}, quick {opts['quick']}, full {opts['full']}",
-        "- every figure: warm-up, then the median of the repeats, candidate and reference "
-        "interleaved in the same process; ratio = candidate / reference (times: lower is better; "
-        "img/s: higher is better)",
-        "",
-        "| fig | measurement | candidate | reference | ratio | target | result | repeats | notes |",
-        "|---|---|---|---|---:|---|---|---:|---|",
+        f"Measured in this run: copy bandwidth {m['copy_bandwidth_GBps']:.1f} GB/s (read + "
+        f"written), float32 GEMM {m['gemm_GFLOPs']:.1f} GFLOP/s. Load average (1/5/15 min) "
+        f"{loads}. A time is the median over rounds, a ratio the median of the per-round ratios.",
     ]
-    for row in report["rows"]:
-        lines.append(
-            "| "
-            + " | ".join(
-                _cell(str(c))
-                for c in (
-                    row["section"],
-                    f"{row['name']}: {row['candidate']} vs {row['reference']}",
-                    _fmt_value(row, "candidate"),
-                    _fmt_value(row, "reference"),
-                    f"{row['ratio']:.3f}",
-                    row["target"]["text"],
-                    _result(row),
-                    row["repeats"],
-                    row.get("note", ""),
-                )
-            )
-            + " |"
-        )
-    for skip in report["skipped"]:
-        lines.append(
-            f"| {skip['section']} | {_cell(skip['name'])} | | | | {_cell(skip.get('target', ''))} "
-            f"| skipped | | {_cell(skip['reason'])} |"
-        )
-    if report.get("notes"):
-        lines += ["", "Notes:", ""]
-        lines += [f"- {note}" for note in report["notes"]]
+    for section, title in titles.items():
+        chosen = [r for r in rows if r.section == section]
+        if not chosen:
+            continue
+        times = list(dict.fromkeys(k for r in chosen for k in r.times))
+        checks = list(dict.fromkeys(k for r in chosen for k in r.checks))
+        lines += ["", f"**{title}**", "", "| " + " | ".join(["measurement", *times, *checks])]
+        lines[-1] += " |\n|---" + "|---:" * (len(times) + len(checks)) + "|"
+        for r in chosen:
+            cells = [r.name.replace("|", "/")]
+            cells += [_seconds(r.times[k]) if k in r.times else "" for k in times]
+            cells += [_check(r.checks[k]) if k in r.checks else "" for k in checks]
+            lines.append("| " + " | ".join(cells) + " |")
+    for err in report["errors"]:
+        lines.append(f"\nsection {err['section']} failed: {err['error']}")
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
-    """``bench.json`` and ``bench.md`` in ``out_dir`` (each written atomically)."""
-    json_path = atomic_write_json(out_dir / "bench.json", report)
-    md_path = atomic_write_text(out_dir / "bench.md", render_markdown(report))
-    return json_path, md_path
+def write_outputs(out_dir: Path, report: dict[str, Any], markdown: str) -> None:
+    atomic_write_json(out_dir / "bench.json", report)
+    atomic_write_text(out_dir / "bench.md", markdown)

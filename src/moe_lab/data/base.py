@@ -71,6 +71,9 @@ class BaseDataModule(LightningDataModule):
             (static shapes), False on the torch path (every sample every epoch, as the seed's
             Keras ``fit``). Validation and test never drop, shuffle or augment.
         topology: the model topology of the data config, stored for the model builder.
+        load_test: False: the test split is never loaded or kept (a tuning trial must not see
+            it); :meth:`test_dataloader` and ``split("test")`` then raise. Needs
+            ``val_split > 0``, since otherwise validation would be the test set.
         name: override :attr:`name` (must be a plain folder name: no ``..``, no separators).
 
     The device: the dataloader hooks read ``self.trainer.strategy.root_device`` (Lightning attaches
@@ -99,6 +102,7 @@ class BaseDataModule(LightningDataModule):
         drop_last: bool | None = None,
         topology: Mapping[str, Any] | None = None,
         name: str | None = None,
+        load_test: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -119,6 +123,12 @@ class BaseDataModule(LightningDataModule):
         if not 0.0 <= val_split < 1.0:
             raise ValueError(f"val_split must be a fraction in [0, 1), got {val_split}")
         self.val_split = float(val_split)
+        self.load_test = bool(load_test)
+        if not self.load_test and self.val_split <= 0:
+            raise ValueError(
+                "load_test=False needs a held-out validation split (val_split > 0): with "
+                "val_split=0 validation is the test set"
+            )
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         self.num_workers = num_workers
@@ -164,7 +174,8 @@ class BaseDataModule(LightningDataModule):
 
     def _load_splits(self) -> tuple[Split, Split]:
         """Return ``((train_x, train_y), (test_x, test_y))``: ``x (N, *input_shape)`` uint8 or
-        float (divided by :attr:`pixel_max` on the way out), ``y (N,)`` int64."""
+        float (divided by :attr:`pixel_max` on the way out), ``y (N,)`` int64. When
+        :attr:`load_test` is False the test pair may be None (and is dropped if it is not)."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------- Lightning hooks
@@ -176,10 +187,15 @@ class BaseDataModule(LightningDataModule):
         """Load the splits once (all stages share them) and hold out the validation part."""
         if self._splits is not None:
             return
-        (train_x, train_y), (test_x, test_y) = self._load_splits()
-        for what, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        (train_x, train_y), test = self._load_splits()
+        checked = [("train", train_x, train_y)]
+        if self.load_test:
+            test_x, test_y = test
+            checked.append(("test", test_x, test_y))
+        del test  # a run without its test split keeps no reference to it
+        for what, x, y in checked:
             self._check_split(what, x, y)
-        splits = {"test": (test_x, test_y)}
+        splits = {"test": (test_x, test_y)} if self.load_test else {}
         if self.val_split > 0:
             n = train_x.shape[0]
             n_val = round(self.val_split * n)
@@ -246,6 +262,11 @@ class BaseDataModule(LightningDataModule):
         if self._splits is None:
             self.setup()
         assert self._splits is not None
+        if which == "test" and not self.load_test:
+            raise RuntimeError(
+                f"{self.name} was built without its test split (load_test=False: a tuning run "
+                "never sees the test set)"
+            )
         if which not in self._splits:
             raise ValueError(f"split must be 'train', 'val' or 'test', got {which!r}")
         return self._splits[which]

@@ -114,8 +114,8 @@ class TorchvisionDataModule(BaseDataModule):
                 f"{self.torchvision_class.__name__} expects it in {self.dataset_folder()}, "
                 f"which lacks: {names}. {self._get_it()}"
             )
-        splits = []
-        for train in (True, False):
+        splits: list[Split | None] = []
+        for train in (True, False) if self.load_test else (True,):
             try:
                 dataset = self.torchvision_class(str(self.data_dir), train=train, download=False)
                 x, y = self._arrays(dataset)
@@ -126,7 +126,7 @@ class TorchvisionDataModule(BaseDataModule):
                     f"again. {self._get_it()}"
                 ) from None
             splits.append((x, y))
-        return splits[0], splits[1]
+        return splits[0], splits[1] if self.load_test else None
 
 
 class _CIFAR(TorchvisionDataModule):

@@ -164,6 +164,8 @@ class _ConvNdMoE(MoEBase):
         gate_in = (in_channels,) if self.gate_input == "pooled" else (in_channels, *self.input_size)
         self.gating_kernel = nn.Parameter(torch.empty(*gate_in, out, k, **self._factory))
         self._finish_init(expert_bias_shape=(out, k), gating_bias_shape=(out, k))
+        # the dense epilogue's backward writes a (B, out*K, *S') gradient each step: keep it
+        self._epilogue_grad = dispatch.GradBuffer()
 
     def _geometry(
         self, spatial: tuple[int, ...]
@@ -354,6 +356,18 @@ class _ConvNdMoE(MoEBase):
             hidden = hidden.movedim(1, -1).unflatten(-1, (out, k))  # (B, *S', out, K), a view
             hidden = self.expert_activation(hidden, -1)
             return (hidden * gates.view(batch, *([1] * self.ndim), out, k)).sum(-1).movedim(-1, 1)
+        act = self.expert_activation
+        fused = act.is_identity or act.fn is torch.relu
+        if (
+            fused
+            and hidden.numel() > 0
+            and hidden.is_contiguous()
+            and not torch.compiler.is_compiling()
+            and not routing.in_functorch_transform(hidden, gates)
+        ):
+            return dispatch.activate_and_mix(
+                hidden, gates, relu=not act.is_identity, grad_buffer=self._epilogue_grad
+            )
         hidden = hidden.unflatten(1, (out, k))  # (B, out, K, *S'), a view
         hidden = self.expert_activation(hidden, 2)
         return (hidden * gates.view(batch, out, k, *([1] * self.ndim))).sum(2)

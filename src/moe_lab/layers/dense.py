@@ -85,6 +85,8 @@ class DenseMoE(MoEBase):
         self.expert_kernel = nn.Parameter(kernel)
         self.gating_kernel = nn.Parameter(torch.empty(in_features, k, **self._factory))
         self._finish_init(expert_bias_shape=(out_features, k), gating_bias_shape=(k,))
+        # top-k's backward writes all K experts' kernel gradient: reuse its storage across steps
+        self._grad_buffer = dispatch.GradBuffer() if self.is_sparse else None
 
     def reset_parameters(self) -> None:
         """The original's init: variance scaling with uniform draws, ``U(-a, a)`` with
@@ -147,9 +149,12 @@ class DenseMoE(MoEBase):
         counts = torch.bincount(index, minlength=self.n_experts).tolist()  # host ints
         weight = self.expert_kernel.permute(2, 0, 1)  # (K, in, out), contiguous when sparse
         bias = None if self.expert_bias is None else self.expert_bias.t()  # (K, out)
-        hidden = dispatch.grouped_linear(flat.index_select(0, rows), weight, bias, counts)
+        buffer = self._grad_buffer if weight.is_contiguous() else None
+        hidden = dispatch.grouped_linear(flat.index_select(0, rows), weight, bias, counts, buffer)
         hidden = self.expert_activation(hidden, -1)  # (N*k, out), elementwise
         hidden = hidden * gates.index_select(0, order).unsqueeze(-1).to(hidden.dtype)
+        if k == 1:  # rows is a permutation: every output row is written once
+            return hidden.new_empty(flat.shape[0], self.out_features).index_copy(0, rows, hidden)
         y = hidden.new_zeros(flat.shape[0], self.out_features)
         return y.index_add(0, rows, hidden)
 

@@ -1,0 +1,388 @@
+"""The equal-budget comparison end to end, through its CLI: tiny budgets, real runs.
+
+Every number is checked against the raw files the runs wrote (summary.json, study.db read with
+Optuna itself, .hydra/overrides.yaml) and against independent references (scipy's Welch test,
+enumeration of the expected maximum).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats
+
+from conftest import cli_env, run_module
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+TINY = [
+    "experiment=digits",
+    "compare.arms=[cnn,moe]",
+    "compare.trials=3",
+    "compare.seeds=2",
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=1",
+    "+trainer.limit_test_batches=1",
+    "logger=csv",
+    "data._target_=compare_spy.SpyDigits",
+]
+
+
+def _env(root: Path) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "MOE_LAB_SPY_LOG": str(root / "spy.jsonl")}
+
+
+def _paths(root: Path) -> list[str]:
+    return [f"paths.data_dir={root / 'data'}", f"paths.log_dir={root / 'out'}"]
+
+
+def _comparison_dir(root: Path) -> Path:
+    markers = list((root / "out" / "compare").glob("*/*/comparison.json"))
+    assert len(markers) == 1, f"expected one comparison dir, found {markers}"
+    return markers[0].parent
+
+
+def _summaries(comparison: Path, stage: str, arm: str) -> dict[str, dict]:
+    """{run dir name: summary.json} of one arm's runs of one stage, read from the files."""
+    return {
+        path.parent.name: json.loads(path.read_text())
+        for path in sorted((comparison / stage / arm).glob("*/summary.json"))
+    }
+
+
+def _trials(comparison: Path, arm: str) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=arm, storage=f"sqlite:///{comparison / 'study.db'}")
+    return study.get_trials(deepcopy=False)
+
+
+def _overrides(run_dir: Path) -> dict[str, str]:
+    items = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    return dict(item.split("=", 1) for item in items)
+
+
+def _spy(root: Path) -> list[dict]:
+    path = root / "spy.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tiny(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, Path, subprocess.CompletedProcess, float]:
+    """A tiny comparison on the preset's launcher (joblib, 2 one-thread workers)."""
+    root = tmp_path_factory.mktemp("compare")
+    start = time.perf_counter()
+    proc = run_module("moe_lab.compare", *TINY, *_paths(root), cwd=root, timeout=600, **_env(root))
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, f"comparison failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return root, _comparison_dir(root), proc, wall
+
+
+def test_tiny_comparison_writes_every_file(tiny) -> None:
+    _, comparison, proc, wall = tiny
+    print(f"tiny comparison (2 arms x (3 trials + 2 final runs), joblib): {wall:.1f} s")
+    for name in (
+        "comparison.json",
+        "study.db",
+        "report.md",
+        "summary.csv",
+        "trials.csv",
+        "runs.csv",
+        "best_params.json",
+        *(
+            f"{fig}.{ext}"
+            for fig in ("evp", "tuning_trace", "final_curves")
+            for ext in ("png", "svg")
+        ),
+    ):
+        assert (comparison / name).is_file(), name
+    assert str(comparison / "report.md") in proc.stdout
+    assert comparison.parent.name == "digits" and comparison.parent.parent.name == "compare"
+
+
+def test_each_arm_has_its_trials_and_fresh_final_seeds(tiny) -> None:
+    _, comparison, _, _ = tiny
+    all_tune_seeds, all_final_seeds = set(), set()
+    for arm, model in (("cnn", "cnn"), ("moe", "moe")):
+        tune = _summaries(comparison, "tune", arm)
+        final = _summaries(comparison, "final", arm)
+        assert sorted(tune) == ["trial_000", "trial_001", "trial_002"]
+        assert sorted(final) == ["seed_1000", "seed_1001"]
+        for summary in tune.values():
+            assert (summary["stage"], summary["arm"], summary["model"]) == ("tune", arm, model)
+            assert summary["status"] == "completed"
+            assert summary["test_acc"] is None  # never scored
+            assert summary["max_epochs"] == 1
+        for summary in final.values():
+            assert (summary["stage"], summary["arm"], summary["model"]) == ("final", arm, model)
+            assert summary["status"] == "completed" and summary["test_acc"] is not None
+        all_tune_seeds |= {s["seed"] for s in tune.values()}
+        all_final_seeds |= {s["seed"] for s in final.values()}
+        assert {s["seed"] for s in tune.values()} == {0, 1, 2}
+    assert all_final_seeds == {1000, 1001}
+    assert not all_tune_seeds & all_final_seeds
+
+
+def test_study_db_holds_the_trials_the_runs_report(tiny) -> None:
+    _, comparison, _, _ = tiny
+    best_params = json.loads((comparison / "best_params.json").read_text())
+    for arm in ("cnn", "moe"):
+        trials = _trials(comparison, arm)
+        assert [t.number for t in trials] == [0, 1, 2]
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+        tune = _summaries(comparison, "tune", arm)
+        for trial in trials:
+            run_dir = comparison / trial.user_attrs["run_dir"]
+            summary = tune[run_dir.name]
+            assert trial.value == summary["val_acc_best"]  # the objective: best val accuracy
+            # the run trained with the hyperparameters Optuna proposed
+            overrides = _overrides(run_dir)
+            for key, value in trial.params.items():
+                assert float(overrides[key]) == value
+            assert overrides["test"] == "false" and overrides["stage"] == "tune"
+        best = max(trials, key=lambda t: (t.value, -t.number))
+        assert best_params[arm] == best.params
+        for run_dir in (comparison / "final" / arm).glob("seed_*"):
+            overrides = _overrides(run_dir)
+            assert {k: float(overrides[k]) for k in best.params} == best.params
+            assert overrides["test"] == "true" and overrides["stage"] == "final"
+    # the same search space for both arms: lr, weight decay and dropout
+    assert (
+        set(best_params["cnn"])
+        == set(best_params["moe"])
+        == {
+            "optimizer.lr",
+            "optimizer.weight_decay",
+            "data.topology.dense_dropout",
+        }
+    )
+
+
+def test_no_trial_touches_the_test_split(tiny) -> None:
+    root, comparison, _, _ = tiny
+    events = _spy(root)
+    setups = [e for e in events if e["event"] == "setup"]
+    tune_setups = [e for e in setups if e["seed"] < 1000]
+    final_setups = [e for e in setups if e["seed"] >= 1000]
+    assert len(tune_setups) == 6 and len(final_setups) == 4  # 2 arms x (3 trials, 2 seeds)
+    assert all(not e["load_test"] and not e["has_test"] for e in tune_setups)
+    assert all(e["load_test"] and e["has_test"] for e in final_setups)
+    test_uses = [e for e in events if e["event"] in ("split_test", "test_dataloader")]
+    assert test_uses and all(e["seed"] >= 1000 for e in test_uses)
+    # each final run scores the test set once
+    loaders = [e["seed"] for e in events if e["event"] == "test_dataloader"]
+    assert sorted(loaders) == [1000, 1000, 1001, 1001]
+    for run_dir in (comparison / "tune").glob("*/trial_*"):
+        columns = pd.read_csv(run_dir / "metrics.csv").columns
+        assert not [c for c in columns if "test" in c]
+
+
+def _expected_max(values: list[float], n: int) -> float:
+    return statistics.fmean(max(draw) for draw in itertools.product(values, repeat=n))
+
+
+def test_summary_numbers_match_the_raw_runs(tiny) -> None:
+    _, comparison, _, _ = tiny
+    summary = pd.read_csv(comparison / "summary.csv").set_index("arm")
+    accs = {}
+    for arm in ("cnn", "moe"):
+        final = _summaries(comparison, "final", arm)
+        accs[arm] = [s["test_acc"] for s in final.values()]
+        row = summary.loc[arm]
+        assert row["test_acc_mean"] == pytest.approx(statistics.fmean(accs[arm]))
+        assert row["test_acc_se"] == pytest.approx(statistics.stdev(accs[arm]) / math.sqrt(2))
+        values = [s["val_acc_best"] for s in _summaries(comparison, "tune", arm).values()]
+        assert row["best_val_acc"] == pytest.approx(max(values))
+        assert row["evp_n1"] == pytest.approx(_expected_max(values, 1))
+        assert row["evp_nN"] == pytest.approx(_expected_max(values, 3))
+        assert row["budget_trials"] == 3 and row["trials_completed"] == 3
+        tune_walls = [s["wall_time_s"] for s in _summaries(comparison, "tune", arm).values()]
+        assert row["tune_wall_time_s"] == pytest.approx(sum(tune_walls))
+        assert row["tune_epochs"] == 3
+    # baseline: cnn (no cnn_matched arm); Welch's t-test recomputed with scipy
+    assert summary.loc["cnn", "is_baseline"] and not summary.loc["moe", "is_baseline"]
+    if statistics.pvariance(accs["moe"]) + statistics.pvariance(accs["cnn"]) > 0:
+        reference = stats.ttest_ind(accs["moe"], accs["cnn"], equal_var=False)
+        assert summary.loc["moe", "p_value"] == pytest.approx(reference.pvalue)
+    assert summary.loc["moe", "diff"] == pytest.approx(
+        statistics.fmean(accs["moe"]) - statistics.fmean(accs["cnn"])
+    )
+    report = (comparison / "report.md").read_text()
+    assert "moe K=2 vs cnn at an equal budget of 3 trials × 1 epoch per arm:" in report
+    assert "Expected validation performance" in report
+
+
+def test_rebuilding_the_report(tiny, tmp_path: Path) -> None:
+    _, comparison, _, _ = tiny
+    proc = run_module("moe_lab.compare.report", str(comparison), "--baseline", "moe", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = pd.read_csv(comparison / "summary.csv").set_index("arm")
+    assert summary.loc["moe", "is_baseline"]
+    proc = run_module("moe_lab.compare.report", str(comparison), "--baseline", "nope", cwd=tmp_path)
+    assert proc.returncode == 2 and "not one of the arms" in proc.stderr
+    proc = run_module("moe_lab.compare.report", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2 and "not a comparison dir" in proc.stderr
+    # leave the module's report as the comparison wrote it
+    assert run_module("moe_lab.compare.report", str(comparison), cwd=tmp_path).returncode == 0
+
+
+def test_resuming_a_finished_comparison_runs_nothing(tiny) -> None:
+    root, comparison, _, _ = tiny
+    before = {p: p.stat().st_mtime_ns for p in comparison.glob("*/*/*/summary.json")}
+    proc = run_module(
+        "moe_lab.compare",
+        *TINY,
+        *_paths(root),
+        f"resume={comparison}",
+        "hydra/launcher=basic",  # how it is run may change; what it computes may not
+        cwd=root,
+        **_env(root),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launching" not in proc.stdout
+    after = {p: p.stat().st_mtime_ns for p in comparison.glob("*/*/*/summary.json")}
+    assert after == before and len(after) == 10
+
+
+def test_resume_with_other_settings_is_refused(tiny) -> None:
+    root, comparison, _, _ = tiny
+    args = [a for a in TINY if not a.startswith("compare.trials")]
+    proc = run_module(
+        "moe_lab.compare", *args, "compare.trials=4", *_paths(root), f"resume={comparison}",
+        cwd=root, **_env(root),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "started with different settings" in proc.stderr and "trials" in proc.stderr
+
+
+# ---------------------------------------------------------------------------- kill and resume
+def _wait_for(condition, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the comparison ended before the kill:\n{out[-3000:]}\n{err[-3000:]}")
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("the kill point never came")
+
+
+def test_killed_comparison_resumes_without_rerunning_or_double_counting(tmp_path: Path) -> None:
+    """SIGKILL after the first trial finished, while the second one is mid-run (it has a
+    checkpoint): the resumed comparison records the first as it stood, continues the second
+    from its checkpoint, and ends with exactly 3 trials and 2 final runs per arm."""
+    root = tmp_path
+    args = [
+        *(a for a in TINY if not a.startswith("trainer.max_epochs")),
+        "trainer.max_epochs=3",
+        "+callbacks.slow._target_=compare_spy.SlowEpochs",
+        "hydra/launcher=basic",  # one job after another: the kill point is known
+        *_paths(root),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moe_lab.compare", *args],
+        cwd=root,
+        env=cli_env(**_env(root)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: the kill takes every process of it
+    )
+    out = root / "out" / "compare" / "digits"
+    first = lambda: list(out.glob("*/tune/cnn/trial_000/summary.json"))  # noqa: E731
+    second_ckpt = lambda: list(out.glob("*/tune/moe/trial_000/checkpoints/last.ckpt"))  # noqa: E731
+    try:
+        _wait_for(lambda: first() and second_ckpt(), proc, timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    comparison = _comparison_dir(root)
+    assert not (comparison / "tune" / "moe" / "trial_000" / "summary.json").exists()
+    states = {arm: [t.state.name for t in _trials(comparison, arm)] for arm in ("cnn", "moe")}
+    assert states == {"cnn": ["RUNNING"], "moe": ["RUNNING"]}  # launched, never recorded
+    first_summary = comparison / "tune" / "cnn" / "trial_000" / "summary.json"
+    first_text, first_mtime = first_summary.read_text(), first_summary.stat().st_mtime_ns
+
+    resumed = run_module(
+        "moe_lab.compare", *args, f"resume={comparison}", cwd=root, timeout=600, **_env(root)
+    )
+    assert resumed.returncode == 0, f"{resumed.stdout[-3000:]}\n{resumed.stderr[-3000:]}"
+    assert "trial(s) were cut off by the kill" in resumed.stdout
+    for arm in ("cnn", "moe"):
+        tune = _summaries(comparison, "tune", arm)
+        final = _summaries(comparison, "final", arm)
+        assert sorted(tune) == ["trial_000", "trial_001", "trial_002"]
+        assert sorted(final) == ["seed_1000", "seed_1001"]
+        assert all(s["status"] == "completed" for s in (*tune.values(), *final.values()))
+        trials = _trials(comparison, arm)
+        assert [(t.number, t.state.name) for t in trials] == [
+            (0, "COMPLETE"),
+            (1, "COMPLETE"),
+            (2, "COMPLETE"),
+        ]
+        for trial in trials:
+            assert trial.value == tune[Path(trial.user_attrs["run_dir"]).name]["val_acc_best"]
+    # the finished trial was not run again
+    assert first_summary.read_text() == first_text
+    assert first_summary.stat().st_mtime_ns == first_mtime
+    # the cut-off trial continued from its checkpoint, in its own dir, to its 3 epochs
+    cut = comparison / "tune" / "moe" / "trial_000"
+    assert list(cut.glob(".hydra_resume_*")), "the cut-off trial was not resumed in place"
+    assert len(pd.read_csv(cut / "metrics.csv")) == 3
+    assert json.loads((cut / "summary.json").read_text())["epochs"] == 3
+    # 6 trials + 4 final runs, no other run dir
+    assert len(list(comparison.glob("*/*/*/summary.json"))) == 10
+
+
+# ---------------------------------------------------------------------------- submitit
+@pytest.mark.slow
+def test_trials_run_as_submitit_jobs(tmp_path: Path) -> None:
+    """The SLURM path's launcher, with submitit's local executor: each trial and final run is a
+    submitit job (its own process), two at a time, sharing the study in study.db."""
+    args = [
+        "experiment=digits",
+        "compare.arms=[cnn]",
+        "compare.trials=2",
+        "compare.seeds=2",
+        "compare.batch_size=2",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1",
+        "logger=csv",
+        "hydra/launcher=submitit_local",
+        *_paths(tmp_path),
+    ]
+    proc = run_module("moe_lab.compare", *args, cwd=tmp_path, timeout=600, **_env(tmp_path))
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    comparison = _comparison_dir(tmp_path)
+    tune = _summaries(comparison, "tune", "cnn")
+    final = _summaries(comparison, "final", "cnn")
+    assert sorted(tune) == ["trial_000", "trial_001"] and sorted(final) == [
+        "seed_1000",
+        "seed_1001",
+    ]
+    assert all(s["status"] == "completed" for s in (*tune.values(), *final.values()))
+    assert [t.state.name for t in _trials(comparison, "cnn")] == ["COMPLETE", "COMPLETE"]
+    # submitit ran them: one job folder per run, each with the job's result pickle
+    results = list((comparison / ".submitit").glob("*/*_result.pkl"))
+    assert len(results) == 4, results
