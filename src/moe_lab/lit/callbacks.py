@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from moe_lab.utils.io import atomic_write
+from moe_lab.utils.io import atomic_write, signals_deferred
 
 
 class DivergedError(RuntimeError):
@@ -135,6 +135,16 @@ class ModelCheckpoint(_LightningModelCheckpoint):
     ``best.ckpt`` whatever its score. Here the recorded paths are moved to the new dir first:
     the files kept their names, only the folder changed.
     """
+
+    # A SIGTERM/SIGINT waits until the epoch's checkpoints (best and last) are both written: a
+    # signal between the two would leave an epoch recorded but not resumable.
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with signals_deferred():
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with signals_deferred():
+            super().on_train_epoch_end(trainer, pl_module)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         old = state_dict.get("dirpath")

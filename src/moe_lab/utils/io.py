@@ -6,11 +6,14 @@ it, then renames it over the destination with ``os.replace`` (atomic on POSIX).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,6 +25,21 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT until the block ends (they are delivered then), so that a stop
+    request never lands half-way through a write that must finish, e.g. a run's checkpoints."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _WriteRecorder:
@@ -91,7 +109,9 @@ def _named(err: OSError, path: Path) -> OSError:
 TMP_SUFFIX = ".tmp"
 
 
-def remove_stale_tmp_files(folder: str | os.PathLike[str], subdirs: tuple[str, ...] = ("checkpoints",)) -> list[Path]:
+def remove_stale_tmp_files(
+    folder: str | os.PathLike[str], subdirs: tuple[str, ...] = ("checkpoints",)
+) -> list[Path]:
     """Delete temporary files that atomic writes left behind when a process was killed mid-write
     (``.<name>.<random>.tmp`` in ``folder`` and its ``subdirs``); returns what was removed.
 
