@@ -67,3 +67,23 @@ def test_report_run_holds_the_table_and_figures(tmp_path: Path, monkeypatch) -> 
 def test_report_run_needs_a_built_report(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"python -m moe_lab\.report"):
         log_report_run(tmp_path, group="g")
+
+
+def test_multirun_end_logs_the_report_in_the_jobs_group_only_with_wandb(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from omegaconf import OmegaConf
+
+    from moe_lab.analysis.tracker_report import log_report_run_if_wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    report = _report_dir(tmp_path)
+    without = OmegaConf.create({"experiment_name": "mnist1d", "logger": {"csv": {"_target_": "x"}}})
+    assert log_report_run_if_wandb(without, report) is None
+    assert not (report / "wandb").exists()
+    wandb_node = {"_target_": "lightning.pytorch.loggers.WandbLogger", "project": "proj"}
+    config = OmegaConf.create({"experiment_name": "mnist1d", "logger": {"wandb": wandb_node}})
+    run_dir = log_report_run_if_wandb(config, report)
+    (log_file,) = run_dir.glob("run-*.wandb")
+    (run,) = [r.run for r in wandb_records(log_file) if r.WhichOneof("record_type") == "run"]
+    assert (run.job_type, run.run_group, run.project) == ("report", "mnist1d/sweep", "proj")

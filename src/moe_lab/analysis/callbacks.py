@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 
 from .runs import load_runs
 from .sweep_report import incomplete_jobs, write_report
+from .tracker_report import log_report_run_if_wandb
 
 _PREFIX = "[moe_lab sweep report]"
 
@@ -70,6 +71,8 @@ class SweepReportCallback(Callback):
             print(f"{_PREFIX} report: {paths['report_md']}")
             print(f"{_PREFIX} curves: {paths['curves_png']} (vector: {paths['curves_svg'].name})")
             print(f"{_PREFIX} table:  {paths['summary_csv']}")
+            if log_report_run_if_wandb(config, sweep_dir) is not None:
+                print(f"{_PREFIX} W&B: the report is a job_type=report run in {sweep_dir}/wandb")
         bad = incomplete_jobs(runs)
         if len(bad):
             n_jobs = int((runs["status"] != "superseded").sum())

@@ -96,3 +96,21 @@ def log_report_run(
 
 
 __all__ = ["log_report_run"]
+
+
+def log_report_run_if_wandb(config: Any, report_dir: str | Path) -> Path | None:
+    """At the end of a multirun whose jobs log to W&B (a ``WandbLogger`` in ``config.logger``),
+    log its report as one ``job_type="report"`` run in the jobs' group
+    (``<experiment_name>/<sweep dir name>``). A tracker failure is reported, never fatal: the
+    report on disk is the record."""
+    loggers = config.get("logger") or {}
+    nodes = [n for n in loggers.values() if str(n.get("_target_", "")).endswith(".WandbLogger")]
+    if not nodes:
+        return None
+    report_dir = Path(report_dir)
+    group = f"{config.get('experiment_name')}/{report_dir.name}"
+    try:
+        return log_report_run(report_dir, group=group, project=str(nodes[0].get("project")))
+    except Exception as err:  # the sweep's result does not depend on the tracker
+        log.warning("the report was not logged to W&B (%s: %s)", type(err).__name__, err)
+        return None
