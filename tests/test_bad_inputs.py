@@ -17,6 +17,7 @@ import torch
 
 from conftest import compose_train
 from moe_lab.analysis import load_runs, write_report
+from moe_lab.config import ResumeRefused
 from moe_lab.layers import Conv1dMoE, Conv2dMoE, DenseMoE
 from moe_lab.train import train
 from moe_lab.utils.io import atomic_write
@@ -220,9 +221,14 @@ def test_config_overrides(
         got_type, got_message = type(err).__name__, str(err)
         assert not run_dir.exists()
     else:
-        summary = train(cfg)
-        assert summary["status"] == "failed" and summary["epochs"] == 0
-        got_type, got_message = summary["error_type"], summary["error_message"]
+        try:
+            summary = train(cfg)
+        except ResumeRefused as err:  # a refused resume writes nothing at all
+            got_type, got_message = "ConfigError", str(err)
+            assert not (run_dir / "summary.json").exists()
+        else:
+            assert summary["status"] == "failed" and summary["epochs"] == 0
+            got_type, got_message = summary["error_type"], summary["error_message"]
         assert not (run_dir / "checkpoints").exists()  # failed before any training
     assert got_type == error
     assert message in got_message

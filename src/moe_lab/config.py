@@ -125,47 +125,111 @@ def validate_train_config(cfg: DictConfig) -> None:
             )
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+class ResumeRefused(ConfigError):
+    """``resume=`` cannot continue the run it names; the run dir was left as it was."""
+
+
+def _resolved(node: Any) -> Any:
+    """A config node as plain values, interpolations resolved (within its own config), so that
+    ``T_max: ${trainer.max_epochs}`` compares as the number it stands for."""
+    if not OmegaConf.is_config(node):
+        return node
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except Exception:  # e.g. ${hydra:...} outside the run that wrote it: compare as written
+        return OmegaConf.to_container(node, resolve=False)
 
 
 # Parts of the config that define what a run computes: a resumed run must keep them.
 RESUME_KEYS = ("data", "model", "experts", "activation", "optimizer", "scheduler", "seed")
+# ...except where things live: a moved data dir is the same data
+_RESUME_IGNORED = {("data", "data_dir")}
+
+
+def _differences(original: Any, current: Any, prefix: str) -> list[str]:
+    """Dotted keys under ``prefix`` whose values differ, as ``key: old -> new``."""
+    if isinstance(original, dict) and isinstance(current, dict):
+        out: list[str] = []
+        for key in sorted(set(original) | set(current), key=str):
+            if (prefix, key) in _RESUME_IGNORED:
+                continue
+            out += _differences(original.get(key), current.get(key), f"{prefix}.{key}")
+        return out
+    return [] if original == current else [f"{prefix}: {_short(original)} -> {_short(current)}"]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _load_checkpoint_or_refuse(ckpt: Path, resume: Any) -> dict[str, Any]:
+    import torch
+
+    try:
+        return torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ResumeRefused(
+            f"resume={resume}: {ckpt} is unreadable ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'truncated or corrupt'}); the run dir is "
+            "left as it was. Restore the file from a copy, or start the run again without resume="
+        ) from None
 
 
 def check_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     """The checkpoint to resume from, or None for a fresh run.
 
     ``resume=RUN_DIR`` continues a killed run in place: same dir, same CSV history, from
-    ``checkpoints/last.ckpt``. The run's recorded config must match the current one in the keys
-    that define the experiment, so that a resumed run is the same run.
+    ``checkpoints/last.ckpt``. The run's recorded config (``.hydra/config.yaml``) must match the
+    current one, values resolved, in the keys that define the experiment; a learning-rate
+    schedule planned over ``trainer.max_epochs`` (cosine's ``T_max``) therefore refuses a
+    different ``max_epochs``. The checkpoint must load. Raises :class:`ResumeRefused` (before
+    anything is written) otherwise.
     """
     resume = cfg.get("resume")
     if not resume:
         return None
     resume_dir = Path(str(resume)).expanduser().resolve()
     if not resume_dir.is_dir():
-        raise ConfigError(
+        raise ResumeRefused(
             f"resume={resume}: no such run dir; pass the output dir of the run to continue"
         )
     ckpt = resume_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
-        raise ConfigError(
+        raise ResumeRefused(
             f"resume={resume}: {ckpt} does not exist (the run stopped before its first checkpoint); "
             "start it again without resume="
         )
     original_path = resume_dir / ".hydra" / "config.yaml"
     if original_path.is_file():
         original = OmegaConf.load(original_path)
-        differing = [
-            key for key in RESUME_KEYS if _plain(original.get(key)) != _plain(cfg.get(key))
-        ]
+        differing: list[str] = []
+        for key in RESUME_KEYS:
+            differing += _differences(_resolved(original.get(key)), _resolved(cfg.get(key)), key)
         if differing:
-            raise ConfigError(
-                f"resume={resume}: the run was started with different {', '.join(sorted(set(differing)))}; "
+            old_epochs = OmegaConf.select(original, "trainer.max_epochs", default=None)
+            new_epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
+            planned = "trainer.max_epochs" in str(_plain(original.get("scheduler")))
+            if planned and old_epochs != new_epochs:
+                raise ResumeRefused(
+                    f"resume={resume}: the learning-rate schedule was planned over "
+                    f"trainer.max_epochs={old_epochs} ({'; '.join(differing)}), and a resumed run "
+                    f"cannot re-plan it without changing the epochs already trained. Resume with "
+                    f"trainer.max_epochs={old_epochs}, or start a new run with "
+                    f"trainer.max_epochs={new_epochs}"
+                )
+            raise ResumeRefused(
+                f"resume={resume}: the run was started with different "
+                f"{', '.join(sorted({d.split(':')[0].split('.')[0] for d in differing}))} "
+                f"({'; '.join(differing[:5])}{' ...' if len(differing) > 5 else ''}); "
                 "repeat the original command's overrides together with resume="
             )
+    _load_checkpoint_or_refuse(ckpt, resume)
     return str(ckpt)
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
 
 
 def compose_config(

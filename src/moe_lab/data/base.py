@@ -194,18 +194,7 @@ class BaseDataModule(LightningDataModule):
             checked.append(("test", test_x, test_y))
         del test  # a run without its test split keeps no reference to it
         for what, x, y in checked:
-            if tuple(x.shape[1:]) != tuple(self.input_shape) or x.shape[0] != y.shape[0]:
-                raise ValueError(
-                    f"{self.name} {what} split has images {tuple(x.shape)} and labels "
-                    f"{tuple(y.shape)}; expected (N, {', '.join(map(str, self.input_shape))}) and "
-                    "(N,). The files under the data dir do not hold this dataset."
-                )
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-                raise ValueError(
-                    f"{self.name} {what} labels span {int(y.min())}..{int(y.max())}, outside "
-                    f"0..{self.num_classes - 1}. The files under the data dir do not hold this "
-                    "dataset."
-                )
+            self._check_split(what, x, y)
         splits = {"test": (test_x, test_y)} if self.load_test else {}
         if self.val_split > 0:
             n = train_x.shape[0]
@@ -224,6 +213,49 @@ class BaseDataModule(LightningDataModule):
             splits["train"] = (train_x, train_y)
             splits["val"] = splits["test"]
         self._splits = splits
+
+    def source(self, split: str) -> str:
+        """Where ``split`` ("train" or "test") is read from, for error messages."""
+        return f"the {self.name} files under {self.data_dir}"
+
+    #: the files are a cache this package generated: deleting them regenerates them
+    generated: ClassVar[bool] = False
+
+    def _bad_data(self, split: str, problem: str) -> ValueError:
+        fix = (
+            "It is a generated cache: delete it and the next run regenerates it."
+            if self.generated
+            else "The files under the data dir do not hold this dataset, or are damaged: get them "
+            "again."
+        )
+        return ValueError(f"{self.name} {split} split ({self.source(split)}): {problem}. {fix}")
+
+    def _check_split(self, what: str, x: Tensor, y: Tensor) -> None:
+        """Shapes, finite inputs and labels in ``0 .. num_classes - 1``, once at load."""
+        if tuple(x.shape[1:]) != tuple(self.input_shape) or x.shape[0] != y.shape[0]:
+            raise self._bad_data(
+                what,
+                f"images {tuple(x.shape)} and labels {tuple(y.shape)}, expected "
+                f"(N, {', '.join(map(str, self.input_shape))}) and (N,)",
+            )
+        if x.is_floating_point():
+            finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+            if not bool(finite.all()):
+                bad = (~finite).nonzero().flatten()
+                values = x[bad].reshape(len(bad), -1)
+                n_nan, n_inf = int(values.isnan().sum()), int(values.isinf().sum())
+                raise self._bad_data(
+                    what,
+                    f"inputs hold {n_nan} NaN and {n_inf} infinite values in {len(bad)} samples "
+                    f"(first: sample {int(bad[0])})",
+                )
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            out = ((y < 0) | (y >= self.num_classes)).nonzero().flatten()
+            raise self._bad_data(
+                what,
+                f"labels span {int(y.min())}..{int(y.max())}, outside 0..{self.num_classes - 1} "
+                f"({len(out)} samples, first: sample {int(out[0])})",
+            )
 
     def split(self, which: str) -> Split:
         """The stored ``(x, y)`` of ``"train"``, ``"val"`` or ``"test"`` (after setup)."""

@@ -73,6 +73,10 @@ class MNIST1DDataModule(BaseDataModule):
     input_shape = (1, 40)
     num_classes = 10
     n_train, n_test, length = 4000, 1000, 40
+    generated = True
+
+    def source(self, split: str) -> str:
+        return str(self.cache_path)
 
     @property
     def cache_path(self) -> Path:
@@ -151,6 +155,9 @@ class DigitsDataModule(BaseDataModule):
     input_shape = (1, DIGIT_SIZE, DIGIT_SIZE)
     num_classes = 10
     pixel_max = 16.0
+
+    def source(self, split: str) -> str:
+        return "scikit-learn's bundled digits (sklearn.datasets.load_digits)"
 
     def _load_splits(self) -> tuple[Split, Split]:
         arrays = digits_split()
@@ -249,6 +256,10 @@ class MovingDigitsDataModule(BaseDataModule):
 
     name = "moving_digits"
     pixel_max = 16.0
+    generated = True
+
+    def source(self, split: str) -> str:
+        return str(self.cache_path)
 
     def __init__(
         self,

@@ -78,6 +78,9 @@ class TorchvisionDataModule(BaseDataModule):
         """How to use an archive that is already on this machine (no network needed)."""
         return ""
 
+    def source(self, split: str) -> str:
+        return str(self.dataset_folder())
+
     def _get_it(self) -> str:
         folder = self.dataset_folder()
         return (

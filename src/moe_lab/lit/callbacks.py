@@ -1,7 +1,9 @@
-"""Training callbacks and plugins: divergence detection and atomic checkpoint writes."""
+"""Training callbacks, plugins and loggers: divergence detection, atomic checkpoint writes,
+checkpoints that survive a moved run dir, a CSV logger that a resumed run continues."""
 
 from __future__ import annotations
 
+import csv
 import os
 import random
 from typing import Any
@@ -9,9 +11,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from moe_lab.utils.io import atomic_write
+from moe_lab.utils.io import atomic_write, signals_deferred
 
 
 class DivergedError(RuntimeError):
@@ -118,3 +124,73 @@ class EpochSeeder(L.Callback):
         random.seed(epoch_seed)
         np.random.seed(epoch_seed)
         torch.manual_seed(epoch_seed)
+
+
+class ModelCheckpoint(_LightningModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that a run dir that was moved or copied resumes with
+    its best checkpoint and best score.
+
+    Lightning forgets ``best_model_score`` (and the top-k bookkeeping) when the checkpoint's
+    ``dirpath`` differs from the current one, so the first resumed epoch would overwrite
+    ``best.ckpt`` whatever its score. Here the recorded paths are moved to the new dir first:
+    the files kept their names, only the folder changed.
+    """
+
+    # A SIGTERM/SIGINT waits until the epoch's checkpoints (best and last) are both written: a
+    # signal between the two would leave an epoch recorded but not resumable.
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with signals_deferred():
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with signals_deferred():
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old = state_dict.get("dirpath")
+        if old is not None and self.dirpath is not None and old != self.dirpath:
+            state_dict = relocate_checkpoint_state(state_dict, old, self.dirpath)
+        super().load_state_dict(state_dict)
+
+
+def relocate_checkpoint_state(state: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    """ModelCheckpoint's state with every path under ``old`` moved under ``new``."""
+
+    def move(path: Any) -> Any:
+        if not isinstance(path, str) or not path:
+            return path
+        rel = os.path.relpath(path, old)
+        return path if rel.startswith("..") else os.path.join(new, rel)
+
+    moved = dict(state)
+    moved["dirpath"] = new
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if key in moved:
+            moved[key] = move(moved[key])
+    if isinstance(moved.get("best_k_models"), dict):
+        moved["best_k_models"] = {move(k): v for k, v in moved["best_k_models"].items()}
+    return moved
+
+
+class _ContinuingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts; this one keeps
+    its rows and header and appends after them."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                header = next(csv.reader(f), [])
+            self.metrics_keys = sorted(header)  # Lightning writes its header sorted
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's CSVLogger, except that a resumed run continues ``csv/metrics.csv`` instead of
+    starting it afresh (and losing the epochs from before the interruption)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -6,11 +6,14 @@ it, then renames it over the destination with ``os.replace`` (atomic on POSIX).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,22 +27,104 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT until the block ends (they are delivered then), so that a stop
+    request never lands half-way through a write that must finish, e.g. a run's checkpoints."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _WriteRecorder:
+    """A binary file that remembers the OSError a write raised: torch.save reports a failed write
+    as a bare ``RuntimeError: ... file write failed``, which would hide ENOSPC and the path."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(f)`` on a temporary binary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(f)`` on a temporary binary file beside ``path``, then rename it to ``path``.
+
+    A failing write (a full disk, say) leaves ``path`` as it was, removes the temporary file and
+    raises an ``OSError`` that names ``path`` (``errno.ENOSPC``: "No space left on device").
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    recorder: _WriteRecorder | None = None
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recorder = _WriteRecorder(f)
+            try:
+                write(recorder)  # type: ignore[arg-type]
+            except OSError:
+                raise
+            except Exception as err:  # torch.save's RuntimeError around a failed write
+                if recorder.error is None:
+                    raise
+                raise _named(recorder.error, path) from err
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        named = _named(err, path)
+        if named is err:
+            raise
+        raise named from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _named(err: OSError, path: Path) -> OSError:
+    """``err`` as an OSError of the same kind that names the destination ``path``."""
+    if err.filename == str(path):
+        return err
+    return type(err)(err.errno, err.strerror or str(err), str(path))
+
+
+#: suffix of atomic_write's temporary files
+TMP_SUFFIX = ".tmp"
+
+
+def remove_stale_tmp_files(
+    folder: str | os.PathLike[str], subdirs: tuple[str, ...] = ("checkpoints",)
+) -> list[Path]:
+    """Delete temporary files that atomic writes left behind when a process was killed mid-write
+    (``.<name>.<random>.tmp`` in ``folder`` and its ``subdirs``); returns what was removed.
+
+    Only call this where no other process writes (a run's own dir at its start)."""
+    removed = []
+    for where in (Path(folder), *(Path(folder) / s for s in subdirs)):
+        if not where.is_dir():
+            continue
+        for p in where.glob(f".*{TMP_SUFFIX}"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
