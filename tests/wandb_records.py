@@ -1,48 +1,19 @@
-"""Read an offline W&B run back with wandb's own record definitions.
-
-wandb 0.31 writes each run as ``run-<id>.wandb``: a 7-byte header (``:W&B``, magic, version),
-then LevelDB-log framed chunks (32 KiB blocks; each chunk: crc32, length, type) holding
-``wandb.proto.wandb_internal_pb2.Record`` protobufs. (The Python ``DataStore`` reader of older
-wandb releases is gone; the framing is the LevelDB log format, the records are wandb's.)
-"""
+"""An offline W&B run read back as one object (name, group, tags, config, history, summary,
+exit code), from the records ``wandb_log.wandb_records`` decodes with wandb's own protobufs."""
 
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_BLOCK, _HEADER = 32 * 1024, 7
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+from wandb_log import wandb_records
 
 
 def read_records(path: Path) -> list[Any]:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = Path(path).read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
-    pos, chunks, pending = _HEADER, [], b""
-    while pos + _HEADER <= len(data):
-        left = _BLOCK - pos % _BLOCK
-        if left < _HEADER:  # block trailer padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
-        chunk = data[pos + _HEADER : pos + _HEADER + length]
-        pos += _HEADER + length
-        if kind == _FULL:
-            chunks.append(chunk)
-        elif kind == _FIRST:
-            pending = chunk
-        elif kind == _MIDDLE:
-            pending += chunk
-        elif kind == _LAST:
-            chunks.append(pending + chunk)
-        elif kind == 0 and length == 0:  # zero fill up to the next block
-            pos += _BLOCK - pos % _BLOCK if pos % _BLOCK else 0
-    return [pb.Record.FromString(c) for c in chunks]
+    """Every record of one ``.wandb`` file (the CRC-checked reader of ``wandb_log``)."""
+    return wandb_records(Path(path))
 
 
 @dataclass
@@ -75,7 +46,12 @@ def read_run(run_dir: Path) -> WandbRun:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             r = record.run
-            run.run_id, run.name, run.group, run.tags = r.run_id, r.display_name, r.run_group, list(r.tags)
+            run.run_id, run.name, run.group, run.tags = (
+                r.run_id,
+                r.display_name,
+                r.run_group,
+                list(r.tags),
+            )
             run.config.update(_items(r.config.update))
         elif kind == "config":
             run.config.update(_items(record.config.update))
