@@ -459,6 +459,45 @@ def _drop_resume_record(run_dir: Path) -> None:
 # -- the run ----------------------------------------------------------------------------------
 
 
+def _fit_and_test(parts: RunParts, cfg: DictConfig, ckpt_path: str | None) -> float | None:
+    """Fit, then score the test set once (unless ``test=false``); the test accuracy or None."""
+    parts.trainer.fit(
+        parts.module, datamodule=parts.datamodule, ckpt_path=ckpt_path, weights_only=True
+    )
+    if not cfg.get("test", True):
+        return None
+    # With a held-out validation split the test set is scored once, with the checkpoint that
+    # validation chose; without one (the original's protocol) validation IS the test set.
+    held_out = float(cfg.data.get("val_split", 0.0) or 0.0) > 0
+    # fast_dev_run (or no checkpoint callback) saves no best checkpoint to test
+    has_best = not parts.trainer.fast_dev_run and parts.trainer.checkpoint_callback
+    parts.trainer.test(
+        parts.module,
+        datamodule=parts.datamodule,
+        ckpt_path="best" if held_out and has_best else None,
+        weights_only=True,
+        verbose=False,
+    )
+    return parts.module.test_result.get("test_acc")
+
+
+def _record_failure(summary: RunSummary, err: Exception, run_dir: Path) -> None:
+    """Status ``failed`` with the error (a full disk named as such), the traceback in error.log."""
+    full = _no_space(err)
+    summary.status = "failed"
+    if full is not None:
+        summary.error_type = "OSError"
+        summary.error_message = (
+            f"no space left on device writing {full.filename or '(unknown path)'}"
+        )
+    else:
+        summary.error_type, summary.error_message = type(err).__name__, str(err)
+    if _is_main_process():
+        with contextlib.suppress(OSError):
+            atomic_write_text(run_dir / "error.log", traceback.format_exc())
+    log.error("run failed: %s: %s", summary.error_type, summary.error_message)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg`` and return its summary (also written to disk).
 
@@ -525,27 +564,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 _log_hyperparams(parts, cfg, summary)
                 write_summary()
 
-                parts.trainer.fit(
-                    parts.module,
-                    datamodule=parts.datamodule,
-                    ckpt_path=ckpt_path,
-                    weights_only=True,
-                )
-                if cfg.get("test", True):
-                    # With a held-out validation split the test set is scored once, with the
-                    # checkpoint that validation chose; without one (the original's protocol)
-                    # validation IS the test set.
-                    held_out = float(cfg.data.get("val_split", 0.0) or 0.0) > 0
-                    # fast_dev_run (or no checkpoint callback) saves no best checkpoint to test
-                    has_best = not parts.trainer.fast_dev_run and parts.trainer.checkpoint_callback
-                    parts.trainer.test(
-                        parts.module,
-                        datamodule=parts.datamodule,
-                        ckpt_path="best" if held_out and has_best else None,
-                        weights_only=True,
-                        verbose=False,
-                    )
-                    summary.test_acc = parts.module.test_result.get("test_acc")
+                summary.test_acc = _fit_and_test(parts, cfg, ckpt_path)
                 if _received_signal is not None:  # noted while Lightning held the handler
                     raise RunInterrupted(_received_signal)
                 summary.status = "completed"
@@ -568,19 +587,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             summary.diverged_at = {"epoch": err.epoch, "step": err.step}
             log.error("run diverged: %s", err)
         except Exception as err:  # a failing job must not sink the sweep: record it and move on
-            full = _no_space(err)
-            summary.status = "failed"
-            if full is not None:
-                summary.error_type = "OSError"
-                summary.error_message = (
-                    f"no space left on device writing {full.filename or '(unknown path)'}"
-                )
-            else:
-                summary.error_type, summary.error_message = type(err).__name__, str(err)
-            if _is_main_process():
-                with contextlib.suppress(OSError):
-                    atomic_write_text(run_dir / "error.log", traceback.format_exc())
-            log.error("run failed: %s: %s", summary.error_type, summary.error_message)
+            _record_failure(summary, err, run_dir)
         finally:
             # a second signal during the clean-up must not cost the record
             with contextlib.suppress(RunInterrupted):
