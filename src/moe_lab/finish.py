@@ -35,8 +35,7 @@ import pandas as pd
 
 from moe_lab.analysis.plan import PlannedJob, SweepPlan, override_identity, read_plan
 from moe_lab.analysis.runs import load_runs
-from moe_lab.analysis.sweep_report import write_report
-from moe_lab.report import incomplete_message
+from moe_lab.report import rebuild
 
 #: statuses a rerun can change; ``diverged`` is a result (see the module docstring)
 _RERUN = ("failed", "interrupted", "partial", "missing", "invalid")
@@ -263,19 +262,9 @@ def main(argv: list[str] | None = None) -> int:
             run_actions(actions, plan, parallel)
         except KeyboardInterrupt:
             return fail("interrupted; the runs recorded how far they got, run finish again")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            runs = load_runs(sweep)
-            paths = write_report(sweep, baseline=args.baseline, runs=runs)
-        except (OSError, ValueError) as err:
-            return fail(f"the report could not be rebuilt: {err}")
-    for warning in caught:
-        sys.stderr.write(f"{parser.prog}: warning: {warning.message}\n")
-    for path in paths.values():
-        print(path)
-    message = incomplete_message(runs, paths["report_md"])
-    return fail(message) if message else 0
+    return rebuild(
+        sweep, args.baseline, parser.prog, fail, error_prefix="the report could not be rebuilt: "
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -84,15 +85,24 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{parser.prog}: error: {message}\n")
         return 2
 
+    return rebuild(args.sweep_dir, args.baseline, parser.prog, fail)
+
+
+def rebuild(
+    sweep_dir: str | Path, baseline: str | None, prog: str, fail: Any, error_prefix: str = ""
+) -> int:
+    """Rebuild the report, print its paths and warnings; the exit status (``fail(message)``
+    when no report could be written, its reason after ``error_prefix``, or when some job did not
+    complete)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            runs = load_runs(args.sweep_dir)
-            paths = write_report(args.sweep_dir, baseline=args.baseline, runs=runs)
+            runs = load_runs(sweep_dir)
+            paths = write_report(sweep_dir, baseline=baseline, runs=runs)
         except (OSError, ValueError) as err:
-            return fail(str(err))
+            return fail(f"{error_prefix}{err}")
     for warning in caught:
-        sys.stderr.write(f"{parser.prog}: warning: {warning.message}\n")
+        sys.stderr.write(f"{prog}: warning: {warning.message}\n")
     for path in paths.values():
         print(path)
     message = incomplete_message(runs, paths["report_md"])
