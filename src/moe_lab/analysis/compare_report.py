@@ -421,7 +421,9 @@ def plot_evp(
             color=colors[arm],
             label=f"{labels[arm]} (N={scores.size})",
         )
-        axis.fill_between(n, mean - std, mean + std, color=colors[arm], alpha=0.2, linewidth=0)
+        # ± one std of the maximum, cut to the accuracies that can exist
+        low, high = np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100)
+        axis.fill_between(n, low, high, color=colors[arm], alpha=0.2, linewidth=0)
         drawn = True
     if not drawn:
         axis.text(0.5, 0.5, "no finished trial", ha="center", va="center", transform=axis.transAxes)
@@ -614,7 +616,7 @@ def render_compare_report(
         "",
         "![expected best validation accuracy vs number of trials](evp.png)",
         "",
-        f"Expected best validation accuracy (%) after n trials (± std of that maximum); "
+        f"Expected best validation accuracy (%) after n trials (± std of that maximum; the figure cuts the band at 0 and 100); "
         f"n = 1 is one trial's expected score, n = {budget} the full budget.",
         "",
     ]
