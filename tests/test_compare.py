@@ -322,7 +322,9 @@ def test_killed_comparison_resumes_without_rerunning_or_double_counting(tmp_path
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
     comparison = _comparison_dir(root)
-    assert not (comparison / "tune" / "moe" / "trial_000" / "summary.json").exists()
+    # the cut-off trial's record (written at start and after each epoch) says it never ended
+    cut_off = json.loads((comparison / "tune" / "moe" / "trial_000" / "summary.json").read_text())
+    assert cut_off["status"] == "running"
     states = {arm: [t.state.name for t in _trials(comparison, arm)] for arm in ("cnn", "moe")}
     assert states == {"cnn": ["RUNNING"], "moe": ["RUNNING"]}  # launched, never recorded
     first_summary = comparison / "tune" / "cnn" / "trial_000" / "summary.json"
