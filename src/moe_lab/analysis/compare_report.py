@@ -502,20 +502,11 @@ def _sessions_text(sessions: list[dict[str, Any]]) -> str:
     return text + ", set-up and report excluded"
 
 
-def render_compare_report(
-    data: dict[str, Any],
-    summary: pd.DataFrame,
-    best_params: dict[str, dict[str, Any]],
-    problems: list[str],
-) -> str:
-    record, trials, runs = data["record"], data["trials"], data["runs"]
+def _header_section(data: dict[str, Any], base: str) -> list[str]:
+    record = data["record"]
     settings = record["settings"]
     budget, epochs = int(settings["trials"]), settings.get("max_epochs")
-    base = summary["baseline"].iloc[0]
-    labels = dict(zip(summary["arm"], summary["label"], strict=True))
-    n_base = int(summary.loc[summary["arm"] == base, "final_n"].iloc[0])
-    summary = summary.assign(n_base=n_base)
-    lines = [
+    return [
         f"# Comparison report: {record.get('experiment') or ''} ({data['dir'].name})",
         "",
         f"- Comparison dir: `{data['dir']}`",
@@ -535,9 +526,14 @@ def render_compare_report(
         "",
         _space_table(settings),
         "",
-        "## Results per arm",
-        "",
     ]
+
+
+def _arms_section(
+    data: dict[str, Any], summary: pd.DataFrame, best_params: dict[str, dict[str, Any]]
+) -> list[str]:
+    """The per-arm results table and the best hyperparameters."""
+    labels = dict(zip(summary["arm"], summary["label"], strict=True))
     header = [
         "arm",
         "params",
@@ -548,23 +544,22 @@ def render_compare_report(
         "tuning compute",
         "final compute",
     ]
-    rows = []
-    for _, row in summary.iterrows():
-        rows.append(
-            [
-                _cell(row["label"]),
-                _DASH if _missing(row["params"]) else f"{int(row['params']):,}",
-                f"{int(row['trials_completed'])} / {int(row['trials_failed'])}",
-                _pct(row["best_val_acc"]),
-                _pct_se(row["test_acc_mean"], row["test_acc_se"]) + f" (n={int(row['final_n'])})",
-                _pct_se(row["final_val_acc_best_mean"], row["final_val_acc_best_se"]),
-                f"{_fmt_duration(row['tune_wall_time_s'])}, {int(row['tune_epochs'])} epochs",
-                _fmt_duration(row["final_wall_time_s"]),
-            ]
-        )
-    lines += [_table(header, rows, right={1, 2, 3, 4, 5}), ""]
+    rows = [
+        [
+            _cell(row["label"]),
+            _DASH if _missing(row["params"]) else f"{int(row['params']):,}",
+            f"{int(row['trials_completed'])} / {int(row['trials_failed'])}",
+            _pct(row["best_val_acc"]),
+            _pct_se(row["test_acc_mean"], row["test_acc_se"]) + f" (n={int(row['final_n'])})",
+            _pct_se(row["final_val_acc_best_mean"], row["final_val_acc_best_se"]),
+            f"{_fmt_duration(row['tune_wall_time_s'])}, {int(row['tune_epochs'])} epochs",
+            _fmt_duration(row["final_wall_time_s"]),
+        ]
+        for _, row in summary.iterrows()
+    ]
+    lines = ["## Results per arm", "", _table(header, rows, right={1, 2, 3, 4, 5}), ""]
     lines += ["Best hyperparameters (the best trial of each arm; `best_params.json`):", ""]
-    keys = list(settings["space"])
+    keys = list(data["record"]["settings"]["space"])
     rows = [
         [_cell(labels[arm]), str(summary.loc[summary["arm"] == arm, "best_trial"].iloc[0])]
         + [
@@ -574,44 +569,44 @@ def render_compare_report(
         for arm in data["arms"]
         if arm in best_params
     ]
-    lines += [_table(["arm", "trial", *(f"`{k}`" for k in keys)], rows), ""]
+    return [*lines, _table(["arm", "trial", *(f"`{k}`" for k in keys)], rows), ""]
 
-    lines += [f"## Against the baseline ({labels[base]}), on final test accuracy", ""]
-    others = summary[summary["arm"] != base]
+
+def _baseline_section(summary: pd.DataFrame, base: str, budget: int, epochs: Any) -> list[str]:
+    """Every other arm against the baseline on final test accuracy, and the verdicts."""
+    labels = dict(zip(summary["arm"], summary["label"], strict=True))
+    n_base = int(summary.loc[summary["arm"] == base, "final_n"].iloc[0])
+    lines = [f"## Against the baseline ({labels[base]}), on final test accuracy", ""]
+    others = summary[summary["arm"] != base].assign(n_base=n_base)
     if others.empty:
-        lines += ["Only the baseline arm: nothing to compare.", ""]
-    else:
-        header = [
-            "arm",
-            "difference (pp)",
-            "95% CI (pp)",
-            "p (Welch)",
-            "Hedges' g",
-            "n / n baseline",
-        ]
-        rows = []
-        for _, row in others.iterrows():
-            ci = (
-                _DASH
-                if _missing(row["ci_low"])
-                else f"[{_signed(100 * row['ci_low'], 2)}, {_signed(100 * row['ci_high'], 2)}]"
-            )
-            rows.append(
-                [
-                    _cell(row["label"]),
-                    _DASH if _missing(row["diff"]) else _signed(100 * row["diff"], 2),
-                    ci,
-                    _fmt_p(row["p_value"]),
-                    _DASH if _missing(row["hedges_g"]) else _signed(row["hedges_g"], 2),
-                    f"{int(row['final_n'])} / {n_base}",
-                ]
-            )
-        lines += [_table(header, rows, right={1, 3, 4}), ""]
-        lines += ["**Verdicts**", ""]
-        lines += [f"- {verdict(row, labels[base], budget, epochs)}" for _, row in others.iterrows()]
-        lines.append("")
+        return [*lines, "Only the baseline arm: nothing to compare.", ""]
+    header = ["arm", "difference (pp)", "95% CI (pp)", "p (Welch)", "Hedges' g", "n / n baseline"]
+    rows = []
+    for _, row in others.iterrows():
+        ci = (
+            _DASH
+            if _missing(row["ci_low"])
+            else f"[{_signed(100 * row['ci_low'], 2)}, {_signed(100 * row['ci_high'], 2)}]"
+        )
+        rows.append(
+            [
+                _cell(row["label"]),
+                _DASH if _missing(row["diff"]) else _signed(100 * row["diff"], 2),
+                ci,
+                _fmt_p(row["p_value"]),
+                _DASH if _missing(row["hedges_g"]) else _signed(row["hedges_g"], 2),
+                f"{int(row['final_n'])} / {n_base}",
+            ]
+        )
+    lines += [_table(header, rows, right={1, 3, 4}), "", "**Verdicts**", ""]
+    lines += [f"- {verdict(row, labels[base], budget, epochs)}" for _, row in others.iterrows()]
+    return [*lines, ""]
 
-    lines += [
+
+def _evp_section(data: dict[str, Any], labels: dict[str, str], budget: int) -> list[str]:
+    """The expected-validation-performance table at n = 1, N/4, N/2 and N trials."""
+    trials = data["trials"]
+    lines = [
         "## Expected validation performance",
         "",
         "![expected best validation accuracy vs number of trials](evp.png)",
@@ -636,18 +631,15 @@ def render_compare_report(
                 for n in points
             ]
         )
-    lines += [_table(header, rows, right=set(range(1, len(header)))), ""]
-    lines += [
-        "## Tuning trace and final runs",
-        "",
-        "![each trial's score and the best so far](tuning_trace.png)",
-        "",
-        "![final runs: validation accuracy per epoch, mean ± SE](final_curves.png)",
-        "",
-    ]
+    return [*lines, _table(header, rows, right=set(range(1, len(header)))), ""]
+
+
+def _incomplete_section(data: dict[str, Any], problems: list[str]) -> list[str]:
+    """Trials and final runs that did not complete, and what the report could not find."""
+    trials, runs = data["trials"], data["runs"]
     bad_trials = trials[trials["state"] != "COMPLETE"] if len(trials) else trials
     bad_runs = runs[(runs["stage"] == "final") & (runs["status"] != "completed")]
-    lines += [
+    lines = [
         f"## Runs that did not complete ({len(bad_trials)} trials, {len(bad_runs)} final runs)",
         "",
     ]
@@ -682,26 +674,57 @@ def render_compare_report(
         lines += [_table(["arm", "run", "state", "status", "detail"], rows), ""]
     if problems:
         lines += ["## Incomplete", "", *(f"- {p}" for p in problems), ""]
-    lines += [
-        "## How to read this",
+    return lines
+
+
+_HOW_TO_READ = [
+    "## How to read this",
+    "",
+    "- Every arm had the same budget: the same number of trials drawn from the same search "
+    "space (where a key applies to the arm) with the same epochs per trial. Tuning only "
+    "saw the validation split; the test set was scored once per final run.",
+    "- Final test accuracy: mean ± SE over the fresh seeds, SE = sample std / √n. Welch's "
+    "t-test (two-sided, unequal variances) against the baseline; the 95% CI is that of the "
+    "difference of means, in percentage points; Hedges' g is the bias-corrected effect size "
+    "(positive: the arm beats the baseline). p-values are not corrected for multiple "
+    'comparisons, and with a few seeds a large p means "not resolved", not "no difference".',
+    '- Expected validation performance (Dodge et al. 2019, "Show Your Work"): the expected '
+    "best validation accuracy among n trials drawn with replacement from the arm's N trial "
+    "scores, E[max] = Σ v_(i) [(i/N)^n − ((i−1)/N)^n], with the standard deviation of that "
+    "maximum as the band. Where the curves still rise at n = N, more tuning could change the "
+    "verdict. The trials are treated as i.i.d. (exact for random search, an approximation "
+    "for TPE).",
+    "- Compute: the sum of the runs' wall times (runs may have run in parallel) and of their "
+    "epochs.",
+    "",
+]
+
+
+def render_compare_report(
+    data: dict[str, Any],
+    summary: pd.DataFrame,
+    best_params: dict[str, dict[str, Any]],
+    problems: list[str],
+) -> str:
+    """The comparison's report.md: settings, per-arm results, the tests against the baseline,
+    expected validation performance, the figures and what did not complete."""
+    settings = data["record"]["settings"]
+    budget, epochs = int(settings["trials"]), settings.get("max_epochs")
+    base = summary["baseline"].iloc[0]
+    labels = dict(zip(summary["arm"], summary["label"], strict=True))
+    lines = [
+        *_header_section(data, base),
+        *_arms_section(data, summary, best_params),
+        *_baseline_section(summary, base, budget, epochs),
+        *_evp_section(data, labels, budget),
+        "## Tuning trace and final runs",
         "",
-        "- Every arm had the same budget: the same number of trials drawn from the same search "
-        "space (where a key applies to the arm) with the same epochs per trial. Tuning only "
-        "saw the validation split; the test set was scored once per final run.",
-        "- Final test accuracy: mean ± SE over the fresh seeds, SE = sample std / √n. Welch's "
-        "t-test (two-sided, unequal variances) against the baseline; the 95% CI is that of the "
-        "difference of means, in percentage points; Hedges' g is the bias-corrected effect size "
-        "(positive: the arm beats the baseline). p-values are not corrected for multiple "
-        'comparisons, and with a few seeds a large p means "not resolved", not "no difference".',
-        '- Expected validation performance (Dodge et al. 2019, "Show Your Work"): the expected '
-        "best validation accuracy among n trials drawn with replacement from the arm's N trial "
-        "scores, E[max] = Σ v_(i) [(i/N)^n − ((i−1)/N)^n], with the standard deviation of that "
-        "maximum as the band. Where the curves still rise at n = N, more tuning could change the "
-        "verdict. The trials are treated as i.i.d. (exact for random search, an approximation "
-        "for TPE).",
-        "- Compute: the sum of the runs' wall times (runs may have run in parallel) and of their "
-        "epochs.",
+        "![each trial's score and the best so far](tuning_trace.png)",
         "",
+        "![final runs: validation accuracy per epoch, mean ± SE](final_curves.png)",
+        "",
+        *_incomplete_section(data, problems),
+        *_HOW_TO_READ,
     ]
     return "\n".join(lines)
 
