@@ -14,7 +14,7 @@ fi
 
 stamp=".venv/.moe_lab-install-$(cat pyproject.toml scripts/constraints.txt | sha1sum | cut -c1-12)-${extras//,/_}"
 if [ ! -f "$stamp" ]; then
-  echo "[setup] installing moe_lab[$extras] (first time: about 2 minutes)"
+  echo "[setup] installing moe_lab[$extras] (first time: a few minutes)"
   .venv/bin/python -m pip install -q --disable-pip-version-check -c scripts/constraints.txt -e ".[${extras}]"
   rm -f .venv/.moe_lab-install-*
   touch "$stamp"

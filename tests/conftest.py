@@ -12,6 +12,15 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist (scripts/test.sh runs one worker per core) a worker's in-process torch
+    # must not spread over every core too: oversubscribed torch threads are ~100x slower.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     # one thread per process: test jobs run side by side on few cores, and oversubscribed torch

@@ -35,7 +35,7 @@ import pandas as pd
 
 from moe_lab.analysis.plan import PlannedJob, SweepPlan, override_identity, read_plan
 from moe_lab.analysis.runs import load_runs
-from moe_lab.report import rebuild
+from moe_lab.report import rebuild, usage_error
 
 #: statuses a rerun can change; ``diverged`` is a result (see the module docstring)
 _RERUN = ("failed", "interrupted", "partial", "missing", "invalid")
@@ -220,11 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-
-    def fail(message: str) -> int:
-        sys.stderr.write(f"{parser.prog}: error: {message}\n")
-        return 2
-
+    fail = usage_error(parser.prog)
     sweep = Path(args.sweep_dir).expanduser()
     if not sweep.is_dir():
         return fail(f"sweep dir {str(sweep)!r} does not exist; pass the multirun's sweep dir")

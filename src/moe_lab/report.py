@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +77,22 @@ def incomplete_message(runs: pd.DataFrame, report_md: Path, limit: int = 8) -> s
     )
 
 
+def usage_error(prog: str) -> Callable[[str], int]:
+    """``fail(message)``: print ``prog: error: message`` to stderr and return exit status 2, as
+    argparse does for bad arguments."""
+
+    def fail(message: str) -> int:
+        sys.stderr.write(f"{prog}: error: {message}\n")
+        return 2
+
+    return fail
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-
-    def fail(message: str) -> int:
-        sys.stderr.write(f"{parser.prog}: error: {message}\n")
-        return 2
-
-    return rebuild(args.sweep_dir, args.baseline, parser.prog, fail)
+    return rebuild(args.sweep_dir, args.baseline, parser.prog, usage_error(parser.prog))
 
 
 def rebuild(

@@ -169,73 +169,15 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             f"baseline {baseline!r} has no completed run in this sweep; completed models: "
             f"{present}, groups: {groups}"
         )
-
-    rows = []
     # Partial, missing and invalid runs have no trustworthy group, and superseded runs are
     # replaced by a rerun: report.md lists them apart.
     placed = runs[runs["status"].isin(FINAL_STATUSES)]
-    for key, group_runs in placed.groupby(keys, dropna=False, sort=True):
-        completed = group_runs[group_runs["status"] == "completed"]
-        row: dict[str, Any] = dict(zip(keys, key, strict=True))
-        row["group"] = group_runs["group"].iloc[0]
-        row["base_group"] = group_runs["base_group"].iloc[0]
-        if "context" not in keys:
-            row["context"] = ""
-        row["n"] = len(completed)
-        row["n_not_completed"] = len(group_runs) - len(completed)
-        row["seeds"] = " ".join(str(int(s)) for s in sorted(completed["seed"].dropna()))
-        for metric in _SUMMARY_METRICS:
-            values = completed[metric].dropna()
-            row[f"{metric}_mean"] = float(values.mean()) if len(values) else math.nan
-            row[f"{metric}_se"] = standard_error(values)
-            row[f"{metric}_n"] = len(values)
-        row["params"] = _single_value(completed["params"])
-        row["flops_per_example"] = _single_value(completed["flops_per_example"])
-        row["max_epochs"] = _single_value(completed["max_epochs"])
-        row["wall_time_s_mean"] = (
-            float(completed["wall_time_s"].mean())
-            if completed["wall_time_s"].notna().any()
-            else math.nan
-        )
-        row["epochs_mean"] = (
-            float(completed["epochs"].mean()) if completed["epochs"].notna().any() else math.nan
-        )
-        warnings_ = []
-        if completed["seed"].duplicated().any():
-            warnings_.append("repeated seeds inside this group")
-        for column, name in (("params", "params"), ("flops_per_example", "FLOPs per example")):
-            if completed[column].dropna().nunique() > 1:
-                warnings_.append(f"runs disagree on {name}")
-        row["warning"] = "; ".join(warnings_)
-        rows.append(row)
-    summary = pd.DataFrame(rows)
-    if summary.empty:  # no run with a valid summary: an empty table with the documented columns
-        metric_columns = [f"{m}_{s}" for m in _SUMMARY_METRICS for s in ("mean", "se", "n")]
-        summary = pd.DataFrame(
-            columns=[
-                *keys,
-                *([] if "context" in keys else ["context"]),
-                *("group", "base_group", "n", "n_not_completed", "seeds"),
-                *metric_columns,
-                *("params", "flops_per_example", "max_epochs", "wall_time_s_mean"),
-                *("epochs_mean", "warning"),
-            ]
-        )
-
-    comparison_columns = [
-        "is_baseline",
-        "baseline_group",
-        "metric",
-        "diff",
-        "ci_low",
-        "ci_high",
-        "t",
-        "df",
-        "p_value",
-        "hedges_g",
-        "note",
+    rows = [
+        _group_row(keys, key, group_runs)
+        for key, group_runs in placed.groupby(keys, dropna=False, sort=True)
     ]
-    for column in comparison_columns:
+    summary = pd.DataFrame(rows) if rows else _empty_summary(keys)
+    for column in _COMPARISON_COLUMNS:
         summary[column] = None if column in ("baseline_group", "metric", "note") else math.nan
     summary["is_baseline"] = False
     wanted = [baseline] if baseline is not None else list(DEFAULT_BASELINES)
@@ -246,39 +188,115 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
         metric = comparison_metric(completed)
         summary.loc[data_summary.index, "metric"] = metric
         for context, block in data_summary.groupby("context", dropna=False, sort=False):
-            with_runs = block[block["n"] > 0]
-            chosen = next((b for b in wanted if _matches_baseline(with_runs, b).any()), None)
-            if chosen is None:
-                where = f" with the same swept values ({context})" if context else ""
-                summary.loc[block.index, "note"] = (
-                    f"no baseline ({' or '.join(wanted)}) completed for this data{where}"
-                )
-                continue
-            candidates = with_runs[_matches_baseline(with_runs, chosen)]
-            summary.loc[candidates.index, "is_baseline"] = True
             in_context = completed[completed["context"].fillna("") == context]
-            for index, row in block.iterrows():
-                if index in candidates.index:
-                    summary.loc[index, "note"] = "baseline"
-                    summary.loc[index, "baseline_group"] = row["group"]
-                    continue
-                base, problem = _pick_baseline(candidates, row)
-                if base is None:
-                    summary.loc[index, "note"] = problem
-                    continue
-                summary.loc[index, "baseline_group"] = base["group"]
-                key_mask = np.ones(len(in_context), dtype=bool)
-                base_mask = np.ones(len(in_context), dtype=bool)
-                for key in keys:
-                    key_mask &= _equal_or_both_missing(in_context[key], row[key])
-                    base_mask &= _equal_or_both_missing(in_context[key], base[key])
-                result = welch_test(
-                    in_context.loc[key_mask, metric], in_context.loc[base_mask, metric]
-                )
-                for column, value in result.items():
-                    summary.loc[index, column] = value
+            _compare_block(summary, block, in_context, keys, wanted, metric, context)
     summary["is_baseline"] = summary["is_baseline"].astype(bool)
     return summary.reset_index(drop=True)
+
+
+# The columns :func:`summarize` fills by testing each group against its baseline.
+_COMPARISON_COLUMNS = [
+    "is_baseline",
+    "baseline_group",
+    "metric",
+    "diff",
+    "ci_low",
+    "ci_high",
+    "t",
+    "df",
+    "p_value",
+    "hedges_g",
+    "note",
+]
+
+
+def _group_row(keys: list[str], key: tuple, group_runs: pd.DataFrame) -> dict[str, Any]:
+    """One group's row of :func:`summarize`, before the test against the baseline."""
+    completed = group_runs[group_runs["status"] == "completed"]
+    row: dict[str, Any] = dict(zip(keys, key, strict=True))
+    row["group"] = group_runs["group"].iloc[0]
+    row["base_group"] = group_runs["base_group"].iloc[0]
+    if "context" not in keys:
+        row["context"] = ""
+    row["n"] = len(completed)
+    row["n_not_completed"] = len(group_runs) - len(completed)
+    row["seeds"] = " ".join(str(int(s)) for s in sorted(completed["seed"].dropna()))
+    for metric in _SUMMARY_METRICS:
+        values = completed[metric].dropna()
+        row[f"{metric}_mean"] = float(values.mean()) if len(values) else math.nan
+        row[f"{metric}_se"] = standard_error(values)
+        row[f"{metric}_n"] = len(values)
+    row["params"] = _single_value(completed["params"])
+    row["flops_per_example"] = _single_value(completed["flops_per_example"])
+    row["max_epochs"] = _single_value(completed["max_epochs"])
+    for column in ("wall_time_s", "epochs"):
+        values = completed[column]
+        row[f"{column}_mean"] = float(values.mean()) if values.notna().any() else math.nan
+    warnings_ = []
+    if completed["seed"].duplicated().any():
+        warnings_.append("repeated seeds inside this group")
+    for column, name in (("params", "params"), ("flops_per_example", "FLOPs per example")):
+        if completed[column].dropna().nunique() > 1:
+            warnings_.append(f"runs disagree on {name}")
+    row["warning"] = "; ".join(warnings_)
+    return row
+
+
+def _empty_summary(keys: list[str]) -> pd.DataFrame:
+    """No run with a valid summary: an empty table with the documented columns."""
+    metric_columns = [f"{m}_{s}" for m in _SUMMARY_METRICS for s in ("mean", "se", "n")]
+    return pd.DataFrame(
+        columns=[
+            *keys,
+            *([] if "context" in keys else ["context"]),
+            *("group", "base_group", "n", "n_not_completed", "seeds"),
+            *metric_columns,
+            *("params", "flops_per_example", "max_epochs", "wall_time_s_mean"),
+            *("epochs_mean", "warning"),
+        ]
+    )
+
+
+def _compare_block(
+    summary: pd.DataFrame,
+    block: pd.DataFrame,
+    in_context: pd.DataFrame,
+    keys: list[str],
+    wanted: list[str],
+    metric: str,
+    context: str,
+) -> None:
+    """Fill the comparison columns of ``summary`` for ``block``: the groups of one data and one
+    set of swept values (``context``), each tested against that block's baseline on the
+    completed runs ``in_context``."""
+    with_runs = block[block["n"] > 0]
+    chosen = next((b for b in wanted if _matches_baseline(with_runs, b).any()), None)
+    if chosen is None:
+        where = f" with the same swept values ({context})" if context else ""
+        summary.loc[block.index, "note"] = (
+            f"no baseline ({' or '.join(wanted)}) completed for this data{where}"
+        )
+        return
+    candidates = with_runs[_matches_baseline(with_runs, chosen)]
+    summary.loc[candidates.index, "is_baseline"] = True
+    for index, row in block.iterrows():
+        if index in candidates.index:
+            summary.loc[index, "note"] = "baseline"
+            summary.loc[index, "baseline_group"] = row["group"]
+            continue
+        base, problem = _pick_baseline(candidates, row)
+        if base is None:
+            summary.loc[index, "note"] = problem
+            continue
+        summary.loc[index, "baseline_group"] = base["group"]
+        key_mask = np.ones(len(in_context), dtype=bool)
+        base_mask = np.ones(len(in_context), dtype=bool)
+        for key in keys:
+            key_mask &= _equal_or_both_missing(in_context[key], row[key])
+            base_mask &= _equal_or_both_missing(in_context[key], base[key])
+        result = welch_test(in_context.loc[key_mask, metric], in_context.loc[base_mask, metric])
+        for column, value in result.items():
+            summary.loc[index, column] = value
 
 
 def _matches_baseline(frame: pd.DataFrame, baseline: str) -> pd.Series:

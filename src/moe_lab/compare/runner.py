@@ -123,6 +123,16 @@ def read_marker(comparison_dir: str | Path) -> dict[str, Any]:
     return record
 
 
+def _try_exclusive_lock(handle: Any) -> bool:
+    """Take an exclusive ``flock`` on the open file without waiting; False if another process
+    holds any lock on it."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def hold_job_lock(comparison_dir: str | Path) -> Iterator[None]:
     """Hold the comparison's jobs lock (shared) while a trial or final run runs."""
@@ -514,25 +524,25 @@ class Comparison:
         run the same trial twice in one dir, so it is refused until they have ended.
         """
         handle = open(self.dir / ".compare.lock", "a+")  # noqa: SIM115  (held until exit)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            raise ConfigError(
+        busy = None
+        if not _try_exclusive_lock(handle):
+            busy = (
                 f"{self.dir} is in use by another running comparison; wait for it to end, or "
                 "stop it, before resuming"
-            ) from None
-        with open(self.dir / JOBS_LOCK, "a+") as jobs:
-            try:
-                fcntl.flock(jobs, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.close()
-                raise ConfigError(
-                    f"jobs of the stopped comparison in {self.dir} are still running (its "
-                    "parallel workers outlive a killed comparison process); wait for them to end "
-                    "or stop them (e.g. kill its whole process group), then resume"
-                ) from None
-            fcntl.flock(jobs, fcntl.LOCK_UN)
+            )
+        else:
+            with open(self.dir / JOBS_LOCK, "a+") as jobs:
+                if not _try_exclusive_lock(jobs):
+                    busy = (
+                        f"jobs of the stopped comparison in {self.dir} are still running (its "
+                        "parallel workers outlive a killed comparison process); wait for them to "
+                        "end or stop them (e.g. kill its whole process group), then resume"
+                    )
+                else:
+                    fcntl.flock(jobs, fcntl.LOCK_UN)
+        if busy is not None:
+            handle.close()
+            raise ConfigError(busy)
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
