@@ -174,10 +174,18 @@ def test_speed_options_train_on_cpu(tmp_path: Path, data_dir: Path, options: lis
     assert val_loss == val_loss and val_loss < 10  # finite, sane
 
 
-def test_testing_the_best_checkpoint_keeps_the_whole_history(tmp_path: Path, data_dir: Path) -> None:
+def test_testing_the_best_checkpoint_keeps_the_whole_history(
+    tmp_path: Path, data_dir: Path
+) -> None:
     run_dir = tmp_path / "run"
     # a held-out split makes the run test the best-validation checkpoint, usually not the last epoch
-    overrides = ["data=digits", "model=cnn", "data.val_split=0.2", "optimizer.lr=1e-9", "trainer.max_epochs=3"]
+    overrides = [
+        "data=digits",
+        "model=cnn",
+        "data.val_split=0.2",
+        "optimizer.lr=1e-9",
+        "trainer.max_epochs=3",
+    ]
     cfg = compose_train([*overrides, *TINY[1:]], run_dir, data_dir)
     summary = train(cfg)
     assert summary["status"] == "completed", summary
