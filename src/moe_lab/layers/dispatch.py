@@ -224,7 +224,7 @@ def mix_kernels(
     gates = gates.to(expert_kernel.dtype)
     if rows is None:
         kernels = expert_kernel.reshape(groups, k, -1)  # (G, K, C*prod(ks))
-        mixed = torch.einsum("bfk,fkw->bfw", gates, kernels)
+        mixed = _MixAllKernels.apply(gates, kernels)
         bias = None if expert_bias is None else (gates * expert_bias).sum(-1)
     else:
         kernels = expert_kernel.index_select(0, rows).view(batch, groups, k, -1)
@@ -234,6 +234,41 @@ def mix_kernels(
             bias = (gates * expert_bias.reshape(-1)[rows].view(batch, groups, k)).sum(-1)
     weight = mixed.reshape(batch * groups, *expert_kernel.shape[1:])
     return weight, None if bias is None else bias.reshape(-1)
+
+
+class _MixAllKernels(torch.autograd.Function):
+    """``gates (B, G, K)``, ``kernels (G, K, W)`` -> ``(B, G, W)``: sample b's filter f is
+    ``gates[b, f] @ kernels[f]``.
+
+    One batched GEMM over the filters, as ``einsum("bfk,fkw->bfw")`` would be, but each GEMM
+    writes its ``(B, W)`` block straight into the sample-major result through a strided view
+    (and the backward reads it back the same way). ``einsum`` computes a filter-major
+    ``(G, B, W)`` result and then copies it into the sample-major layout that the grouped
+    convolution needs: a full extra pass over the largest tensor of the layer, each way.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, gates: Tensor, kernels: Tensor) -> Tensor:
+        batch, groups, _ = gates.shape
+        mixed = kernels.new_empty(batch, groups, kernels.shape[-1])
+        torch.bmm(gates.transpose(0, 1), kernels, out=mixed.transpose(0, 1))
+        ctx.save_for_backward(gates, kernels)
+        return mixed
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_mixed: Tensor
+    ) -> tuple[Tensor | None, Tensor | None]:
+        gates, kernels = ctx.saved_tensors
+        grad_by_filter = grad_mixed.contiguous().transpose(0, 1)  # (G, B, W), a view
+        grad_gates = grad_kernels = None
+        if ctx.needs_input_grad[0]:
+            grad_gates = gates.new_empty(gates.shape)
+            torch.bmm(grad_by_filter, kernels.transpose(1, 2), out=grad_gates.transpose(0, 1))
+        if ctx.needs_input_grad[1]:
+            grad_kernels = torch.bmm(gates.permute(1, 2, 0), grad_by_filter)  # (G, K, W)
+        return grad_gates, grad_kernels
 
 
 class _ActivateAndMix(torch.autograd.Function):
