@@ -145,3 +145,32 @@ def test_conv_layer_epilogue_matches_the_autograd_composition(cls, act) -> None:
     torch.testing.assert_close(grads[0], ref[0])
     for g, name in zip(grads[1:], params, strict=True):
         torch.testing.assert_close(g, ref[1][name])
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 2, 5), (1, 1, 1, 1), (5, 2, 3, 7)])
+def test_mix_all_kernels_matches_loops_and_gradcheck(shape: tuple) -> None:
+    """CondConv's kernel mix (strided batched GEMMs) against loops over its formula,
+    ``mixed[b, f] = sum_k gates[b, f, k] * kernels[f, k]``, and autograd's numerical gradient."""
+    batch, groups, k, width = shape
+    torch.manual_seed(0)
+    gates = torch.randn(batch, groups, k, dtype=torch.float64, requires_grad=True)
+    kernels = torch.randn(groups, k, width, dtype=torch.float64, requires_grad=True)
+    mixed = dispatch._MixAllKernels.apply(gates, kernels)
+    assert mixed.shape == (batch, groups, width) and mixed.is_contiguous()
+    want = torch.zeros(batch, groups, width, dtype=torch.float64)
+    for b in range(batch):
+        for f in range(groups):
+            for e in range(k):
+                want[b, f] += gates[b, f, e].detach() * kernels[f, e].detach()
+    torch.testing.assert_close(mixed.detach(), want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(dispatch._MixAllKernels.apply, (gates, kernels))
+    # a non-contiguous upstream gradient and non-contiguous gates
+    strided = torch.randn(groups, batch, k, dtype=torch.float64).transpose(0, 1).requires_grad_()
+    out = dispatch._MixAllKernels.apply(strided, kernels)
+    upstream = torch.randn(width, groups, batch, dtype=torch.float64).permute(2, 1, 0)
+    got = torch.autograd.grad(out, (strided, kernels), upstream)
+    ref = torch.autograd.grad(
+        torch.einsum("bfk,fkw->bfw", strided, kernels), (strided, kernels), upstream
+    )
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
