@@ -13,5 +13,5 @@ workers="${MOE_LAB_TEST_WORKERS:-2}"
 if [ "$workers" = 0 ]; then
   .venv/bin/python -m pytest "$@"
 else
-  .venv/bin/python -m pytest -n "$workers" --dist worksteal "$@"
+  .venv/bin/python -m pytest -n "$workers" --dist loadfile "$@"
 fi
