@@ -28,18 +28,24 @@ from conftest import cli_env, run_module
 
 TESTS_DIR = Path(__file__).resolve().parent
 
-TINY = [
-    "experiment=digits",
-    "compare.arms=[cnn,moe]",
-    "compare.trials=3",
-    "compare.seeds=2",
-    "trainer.max_epochs=1",
-    "+trainer.limit_train_batches=2",
-    "+trainer.limit_val_batches=1",
-    "+trainer.limit_test_batches=1",
-    "logger=csv",
-    "data._target_=compare_spy.SpyDigits",
-]
+
+def _tiny(arms: str, trials: int, *extra: str, epochs: int = 1) -> list[str]:
+    """The overrides of a tiny digits comparison (2 final seeds, a few batches, CSV logger)."""
+    return [
+        "experiment=digits",
+        f"compare.arms={arms}",
+        f"compare.trials={trials}",
+        "compare.seeds=2",
+        f"trainer.max_epochs={epochs}",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1",
+        "logger=csv",
+        *extra,
+    ]
+
+
+TINY = _tiny("[cnn,moe]", 3, "data._target_=compare_spy.SpyDigits")
 
 
 def _env(root: Path) -> dict[str, str]:
@@ -366,20 +372,9 @@ def test_killed_comparison_resumes_without_rerunning_or_double_counting(tmp_path
 def test_trials_run_as_submitit_jobs(tmp_path: Path) -> None:
     """The SLURM path's launcher, with submitit's local executor: each trial and final run is a
     submitit job (its own process), two at a time, sharing the study in study.db."""
-    args = [
-        "experiment=digits",
-        "compare.arms=[cnn]",
-        "compare.trials=2",
-        "compare.seeds=2",
-        "compare.batch_size=2",
-        "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=2",
-        "+trainer.limit_val_batches=1",
-        "+trainer.limit_test_batches=1",
-        "logger=csv",
-        "hydra/launcher=submitit_local",
-        *_paths(tmp_path),
-    ]
+    args = _tiny(
+        "[cnn]", 2, "compare.batch_size=2", "hydra/launcher=submitit_local", *_paths(tmp_path)
+    )
     proc = run_module("moe_lab.compare", *args, cwd=tmp_path, timeout=600, **_env(tmp_path))
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     comparison = _comparison_dir(tmp_path)
@@ -416,20 +411,14 @@ def test_resume_waits_for_the_jobs_of_a_killed_comparison(tmp_path: Path) -> Non
     import fcntl
 
     root = tmp_path
-    args = [
-        "experiment=digits",
-        "compare.arms=[cnn]",
-        "compare.trials=2",
-        "compare.seeds=2",
-        "trainer.max_epochs=2",
-        "+trainer.limit_train_batches=2",
-        "+trainer.limit_val_batches=1",
-        "+trainer.limit_test_batches=1",
+    args = _tiny(
+        "[cnn]",
+        2,
         "+callbacks.slow._target_=compare_spy.SlowEpochs",
         "+callbacks.slow.seconds=30",  # the orphaned trials outlast the refused resume's start
-        "logger=csv",
         *_paths(root),
-    ]  # the preset's launcher: joblib, 2 workers
+        epochs=2,
+    )  # the preset's launcher: joblib, 2 workers
     # files, not pipes: the orphaned workers keep the comparison's stdout and stderr open
     with open(root / "first.log", "w") as log:
         proc = subprocess.Popen(
@@ -483,23 +472,16 @@ def test_resume_waits_for_the_jobs_of_a_killed_comparison(tmp_path: Path) -> Non
 def test_failed_and_diverged_trials_use_up_the_budget(tmp_path: Path) -> None:
     """Trial 1 fails and trial 2 diverges: both are told to Optuna as FAIL, never retried, listed
     in the report, and score 0 in the expected-validation-performance curve."""
-    args = [
-        "experiment=digits",
-        "compare.arms=[cnn]",
-        "compare.trials=3",
-        "compare.seeds=2",
-        "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=2",
-        "+trainer.limit_val_batches=1",
-        "+trainer.limit_test_batches=1",
-        "logger=csv",
+    args = _tiny(
+        "[cnn]",
+        3,
         "hydra/launcher=basic",
         "+callbacks.fail._target_=compare_spy.FailOnSeeds",
         "+callbacks.fail.seed=${seed}",
         "+callbacks.fail.fail=1",
         "+callbacks.fail.diverge=2",
         *_paths(tmp_path),
-    ]
+    )
     proc = run_module("moe_lab.compare", *args, cwd=tmp_path, timeout=600, **_env(tmp_path))
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     comparison = _comparison_dir(tmp_path)
