@@ -358,14 +358,14 @@ def test_sparse_dense_kernel_is_expert_major_and_keeps_the_seed_shape() -> None:
     dense = DenseMoE(6, 4, 5)
     sparse = DenseMoE(6, 4, 5, top_k=2)
     assert sparse.expert_kernel.shape == dense.expert_kernel.shape == (6, 4, 5)
-    assert sparse.expert_kernel.stride() == (4, 1, 24)  # each expert's (in, out) contiguous
+    assert sparse.expert_kernel.stride() == (1, 6, 24)  # each expert's (out, in) contiguous
     sparse.load_state_dict(dense.state_dict())
     torch.testing.assert_close(sparse.expert_kernel, dense.expert_kernel)
     sparse = sparse.double()
-    assert sparse.expert_kernel.stride() == (4, 1, 24)
+    assert sparse.expert_kernel.stride() == (1, 6, 24)
     x = torch.randn(3, 6, dtype=torch.float64)
     sparse(x).sum().backward()
-    assert sparse.expert_kernel.grad.stride() == (4, 1, 24)
+    assert sparse.expert_kernel.grad.stride() == (1, 6, 24)
     torch.optim.Adam(sparse.parameters()).step()
     torch.testing.assert_close(sparse(x), dense_reference(sparse, x, 2, "linear"))
 

@@ -77,9 +77,9 @@ class GradBuffer:
 
 
 class _GroupedLinear(torch.autograd.Function):
-    """``rows (M, in)`` sorted by expert, ``weight (K, in, out)``, ``bias (K, out)`` or None,
-    ``counts`` rows per expert (host ints) -> ``(M, out)``; each expert's contiguous slice of rows
-    times its own matrix.
+    """``rows (M, in)`` sorted by expert, ``weight (K, out, in)`` (one ``nn.Linear`` weight per
+    expert), ``bias (K, out)`` or None, ``counts`` rows per expert (host ints) -> ``(M, out)``;
+    each expert's contiguous slice of rows times its own matrix (transposed, as ``F.linear``).
 
     A custom Function, not autograd through a loop of ``addmm`` on ``weight.unbind(0)``: the
     backward writes each expert's weight gradient straight into one ``(K, in, out)`` buffer laid
@@ -98,15 +98,16 @@ class _GroupedLinear(torch.autograd.Function):
         counts: list[int],
         grad_buffer: GradBuffer | None,
     ) -> Tensor:
-        out = rows.new_empty(rows.shape[0], weight.shape[-1])
-        start = 0
-        for expert, count in enumerate(counts):
-            stop = start + count
-            if count and bias is None:
-                torch.mm(rows[start:stop], weight[expert], out=out[start:stop])
+        out = rows.new_empty(rows.shape[0], weight.shape[1])
+        biases = [None] * len(counts) if bias is None else bias.unbind(0)
+        parts = zip(
+            counts, rows.split(counts), out.split(counts), weight.unbind(0), biases, strict=True
+        )
+        for count, rows_e, out_e, weight_e, bias_e in parts:
+            if count and bias_e is None:
+                torch.mm(rows_e, weight_e.t(), out=out_e)
             elif count:
-                torch.addmm(bias[expert], rows[start:stop], weight[expert], out=out[start:stop])
-            start = stop
+                torch.addmm(bias_e, rows_e, weight_e.t(), out=out_e)
         ctx.save_for_backward(rows, weight)
         ctx.counts = counts
         ctx.has_bias = bias is not None
@@ -127,7 +128,7 @@ class _GroupedLinear(torch.autograd.Function):
             grad_weight = torch.empty_like(weight) if buffer is None else buffer.take(weight)
         grad_bias = None
         if ctx.has_bias and need_bias:
-            grad_bias = weight.new_zeros(weight.shape[0], weight.shape[-1])
+            grad_bias = weight.new_zeros(weight.shape[0], weight.shape[1])
         grad_out = grad_out.contiguous()
         device = grad_out.device.type
         with routing.autocast_off(device):
@@ -147,20 +148,22 @@ def _grouped_linear_backward(
     grad_bias: Tensor | None,
 ) -> None:
     """Fill the gradient buffers of :class:`_GroupedLinear` in place."""
-    start = 0
-    for expert, count in enumerate(counts):
-        stop = start + count
-        rows_e, grad_e = rows[start:stop], grad_out[start:stop]
-        if grad_rows is not None and count:
-            torch.mm(grad_e, weight[expert].t(), out=grad_rows[start:stop])
-        if grad_weight is not None:
+    n = len(counts)
+    grad_rows_parts = [None] * n if grad_rows is None else grad_rows.split(counts)
+    grad_weights = [None] * n if grad_weight is None else grad_weight.unbind(0)
+    grad_biases = [None] * n if grad_bias is None else grad_bias.unbind(0)
+    parts = zip(counts, rows.split(counts), grad_out.split(counts), weight.unbind(0),
+                grad_rows_parts, grad_weights, grad_biases, strict=True)  # fmt: skip
+    for count, rows_e, grad_e, weight_e, grad_rows_e, grad_weight_e, grad_bias_e in parts:
+        if grad_rows_e is not None and count:
+            torch.mm(grad_e, weight_e, out=grad_rows_e)
+        if grad_weight_e is not None:
             if count:
-                torch.mm(rows_e.t(), grad_e, out=grad_weight[expert])
-            else:
-                grad_weight[expert].zero_()
-        if grad_bias is not None and count:
-            torch.sum(grad_e, 0, out=grad_bias[expert])
-        start = stop
+                torch.mm(grad_e.t(), rows_e, out=grad_weight_e)
+            else:  # an expert no row chose: its gradient is zero, and must be written
+                grad_weight_e.zero_()
+        if grad_bias_e is not None and count:
+            torch.sum(grad_e, 0, out=grad_bias_e)
 
 
 def grouped_linear(
@@ -171,7 +174,7 @@ def grouped_linear(
     grad_buffer: GradBuffer | None = None,
 ) -> Tensor:
     """``(M, in) -> (M, out)``: rows ``[sum(counts[:e]), sum(counts[:e+1]))`` go through expert
-    e's ``weight[e] (in, out)`` and ``bias[e] (out,)``. One GEMM per expert on a contiguous slice
+    e's ``weight[e] (out, in)`` and ``bias[e] (out,)``, as ``F.linear(rows, weight[e], bias[e])``. One GEMM per expert on a contiguous slice
     (the loop is over experts, with a Python int count each, never over rows).
 
     Under autocast the operands are cast to the autocast dtype first (as ``F.linear`` would be),
