@@ -155,18 +155,22 @@ def test_mix_all_kernels_matches_loops_and_gradcheck(shape: tuple) -> None:
     torch.manual_seed(0)
     gates = torch.randn(batch, groups, k, dtype=torch.float64, requires_grad=True)
     kernels = torch.randn(groups, k, width, dtype=torch.float64, requires_grad=True)
-    mixed = dispatch._MixAllKernels.apply(gates, kernels)
-    assert mixed.shape == (batch, groups, width) and mixed.is_contiguous()
     want = torch.zeros(batch, groups, width, dtype=torch.float64)
     for b in range(batch):
         for f in range(groups):
             for e in range(k):
                 want[b, f] += gates[b, f, e].detach() * kernels[f, e].detach()
-    torch.testing.assert_close(mixed.detach(), want, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(dispatch._MixAllKernels.apply, (gates, kernels))
+    for buffer in (None, dispatch.ReusableBuffer()):
+        mixed = dispatch._MixAllKernels.apply(gates, kernels, buffer)
+        assert mixed.shape == (batch, groups, width) and mixed.is_contiguous()
+        torch.testing.assert_close(mixed.detach(), want, rtol=1e-12, atol=1e-12)
+        del mixed
+        assert torch.autograd.gradcheck(
+            lambda g, w, buf=buffer: dispatch._MixAllKernels.apply(g, w, buf), (gates, kernels)
+        )
     # a non-contiguous upstream gradient and non-contiguous gates
     strided = torch.randn(groups, batch, k, dtype=torch.float64).transpose(0, 1).requires_grad_()
-    out = dispatch._MixAllKernels.apply(strided, kernels)
+    out = dispatch._MixAllKernels.apply(strided, kernels, None)
     upstream = torch.randn(width, groups, batch, dtype=torch.float64).permute(2, 1, 0)
     got = torch.autograd.grad(out, (strided, kernels), upstream)
     ref = torch.autograd.grad(
@@ -174,3 +178,32 @@ def test_mix_all_kernels_matches_loops_and_gradcheck(shape: tuple) -> None:
     )
     for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+def test_condconv_reuses_its_kernel_buffer_only_once_free() -> None:
+    """The per-sample kernels live in one buffer across steps; a second call while the first
+    call's graph still holds them must not overwrite them (gradients as the channels backend,
+    which computes every expert and never mixes kernels)."""
+    torch.manual_seed(0)
+    mixing = Conv2dMoE(3, 4, 2, 3, (6, 6), padding="same", gate_input="pooled",
+                       expert_backend="kernel_mix").double()  # fmt: skip
+    channels = Conv2dMoE(3, 4, 2, 3, (6, 6), padding="same", gate_input="pooled",
+                         expert_backend="channels").double()  # fmt: skip
+    channels.load_state_dict(mixing.state_dict())
+    x1, x2 = torch.randn(2, 2, 3, 6, 6, dtype=torch.float64).unbind(0)
+    w1, w2 = torch.randn(2, 2, 4, 6, 6, dtype=torch.float64).unbind(0)
+
+    def grads(layer: Conv2dMoE) -> list[torch.Tensor]:
+        layer.zero_grad(set_to_none=True)
+        y1 = layer(x1)  # its kernels are saved for the backward below...
+        y2 = layer(x2)  # ...so this call must take fresh memory for its own
+        ((y1 * w1).sum() + (y2 * w2).sum()).backward()
+        return [p.grad.clone() for p in layer.parameters()]
+
+    for got, want in zip(grads(mixing), grads(channels), strict=True):
+        torch.testing.assert_close(got, want)
+    kept = mixing._mixed_kernels._buffer.data_ptr()
+    for _ in range(2):  # each backward frees the kernels: the next step reuses their memory
+        mixing.zero_grad(set_to_none=True)
+        (mixing(x1) * w1).sum().backward()
+        assert mixing._mixed_kernels._buffer.data_ptr() == kept

@@ -165,7 +165,9 @@ class _ConvNdMoE(MoEBase):
         self.gating_kernel = nn.Parameter(torch.empty(*gate_in, out, k, **self._factory))
         self._finish_init(expert_bias_shape=(out, k), gating_bias_shape=(out, k))
         # the dense epilogue's backward writes a (B, out*K, *S') gradient each step: keep it
-        self._epilogue_grad = dispatch.GradBuffer()
+        self._epilogue_grad = dispatch.ReusableBuffer()
+        # CondConv's per-sample kernels, (B, out, C * prod(kernel_size)), made each step
+        self._mixed_kernels = dispatch.ReusableBuffer()
 
     def _geometry(
         self, spatial: tuple[int, ...]
@@ -402,7 +404,10 @@ class _ConvNdMoE(MoEBase):
         (all K for dense gates, the kept k for top-k), and so is its bias; then ONE grouped
         convolution. Exact for linear experts only (checked at construction / by ``auto``)."""
         rows = None if index is None else dispatch.kept_rows(index, self.n_experts)
-        weight, bias = dispatch.mix_kernels(gates, self.expert_kernel, self.expert_bias, rows)
+        buffer = None if torch.compiler.is_compiling() else self._mixed_kernels
+        weight, bias = dispatch.mix_kernels(
+            gates, self.expert_kernel, self.expert_bias, rows, buffer
+        )
         return dispatch.grouped_conv(self._grouped(pads), x, weight, bias)
 
     def extra_repr(self) -> str:

@@ -90,7 +90,7 @@ class DenseMoE(MoEBase):
         self.gating_kernel = nn.Parameter(torch.empty(in_features, k, **self._factory))
         self._finish_init(expert_bias_shape=(out_features, k), gating_bias_shape=(k,))
         # top-k's backward writes all K experts' kernel gradient: reuse its storage across steps
-        self._grad_buffer = dispatch.GradBuffer() if self.is_sparse else None
+        self._grad_buffer = dispatch.ReusableBuffer() if self.is_sparse else None
 
     def reset_parameters(self) -> None:
         """The original's init: variance scaling with uniform draws, ``U(-a, a)`` with
