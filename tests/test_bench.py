@@ -86,7 +86,7 @@ def test_quick_layer_sections_write_consistent_json_and_tables(
         "Conv1dMoE", "Conv2dMoE", "Conv3dMoE", "DenseMoE"}  # fmt: skip
     assert any("CondConv2d" in r["name"] for r in by_section["peers"])
     loop = [r for r in by_section["peers"] if "per-expert loop" in r["name"]]
-    assert loop and all({"× peer", "× nn.Linear"} <= set(r["checks"]) for r in loop)
+    assert loop and all({"× peer", "× nn.Linear", "× roofline"} <= set(r["checks"]) for r in loop)
     table = (out / "bench.md").read_text()
     assert sum(
         line.startswith("| Conv") or line.startswith("| Dense") for line in table.splitlines()

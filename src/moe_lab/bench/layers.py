@@ -211,22 +211,28 @@ def _dense_row(ctx: Context, top_k: int, cin: int, cout: int, batch: int) -> Row
     row = Row("peers", name, info={"batch": batch, "peer": "LoopMoE (Mixtral-style)"})
     torch.manual_seed(0)
     layer = DenseMoE(cin, cout, k, top_k=top_k)
+    # the kept experts' multiply-adds as one GEMM: each row through top_k matrices of (in, out)
     modules = {"moe_lab": layer, "peer": LoopMoE(cin, cout, k, top_k).copy_from(layer),
-               "nn.Linear": nn.Linear(cin, cout)}  # fmt: skip
+               "nn.Linear": nn.Linear(cin, top_k * cout)}  # fmt: skip
     _measure(ctx, row, modules, torch.rand(batch, cin, device=ctx.device, requires_grad=True))
     # every step reads all experts' weights (forward, input gradient) and writes their gradient
     weight_bytes = 3 * 4 * k * cin * cout
     row.times["weight bytes"] = weight_bytes / ctx.bandwidth
-    row.info["weight_bytes"] = weight_bytes
+    row.add("roofline", [t + weight_bytes / ctx.bandwidth for t in row.samples["nn.Linear"]])
+    row.info.update(weight_bytes=weight_bytes, bandwidth=ctx.bandwidth,
+                    linear=f"nn.Linear({cin}, {top_k * cout})")  # fmt: skip
     row.ratio("× peer", "moe_lab", "peer", 1.0)
     row.ratio("× nn.Linear", "moe_lab", "nn.Linear", 1.5 if batch >= 1024 else None)
+    row.ratio("× roofline", "moe_lab", "roofline")
     return row
 
 
 def run_peers(ctx: Context) -> Iterator[Row]:
     """``Conv2dMoE(expert_backend="kernel_mix", gate_input="pooled")``, linear experts, against
     timm's CondConv2d with an external router; sparse ``DenseMoE(K=16)`` against the per-expert
-    loop of Mixtral-style code and one ``nn.Linear`` of the same size."""
+    loop of Mixtral-style code, against one ``nn.Linear(in, top_k * out)`` (the kept experts'
+    multiply-adds as one GEMM) and against its roofline: that Linear's time plus the time to read
+    all K experts' weights twice and write their gradient once at the measured bandwidth."""
     batches = (8,) if ctx.quick else (32, 256)
     yield from (
         _condconv_row(ctx, k, cin, cout, size, batch)
