@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up .venv (if needed) and run the test suite. Extra arguments go to pytest,
-# e.g. `bash scripts/test.sh -m "not slow"` or `bash scripts/test.sh tests/test_layers.py`.
+# Set up .venv (if needed) and run the default (fast) test suite. Extra arguments go to pytest,
+# e.g. `bash scripts/test.sh -m slow` (the long tests it leaves out; CI runs both) or
+# `bash scripts/test.sh tests/test_layers.py`.
 # The files are spread over MOE_LAB_TEST_WORKERS pytest-xdist workers (default 2, one per core of
 # the 2-core CI machine; each test process uses one torch thread); 0 runs them in this process.
 set -euo pipefail

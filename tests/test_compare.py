@@ -297,6 +297,7 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float) -> None:
     pytest.fail("the kill point never came")
 
 
+@pytest.mark.slow
 def test_killed_comparison_resumes_without_rerunning_or_double_counting(tmp_path: Path) -> None:
     """SIGKILL after the first trial finished, while the second one is mid-run (it has a
     checkpoint): the resumed comparison records the first as it stood, continues the second
@@ -469,6 +470,7 @@ def test_resume_waits_for_the_jobs_of_a_killed_comparison(tmp_path: Path) -> Non
         assert path.read_text() == text
 
 
+@pytest.mark.slow
 def test_failed_and_diverged_trials_use_up_the_budget(tmp_path: Path) -> None:
     """Trial 1 fails and trial 2 diverges: both are told to Optuna as FAIL, never retried, listed
     in the report, and score 0 in the expected-validation-performance curve."""

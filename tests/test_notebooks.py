@@ -218,6 +218,7 @@ def _last_metrics_row(run_dir: Path) -> dict[str, str]:
         return list(csv.DictReader(handle))[-1]
 
 
+@pytest.mark.slow
 def test_explore_results_on_a_real_sweep(
     tiny_sweep: Path,
     tiny_comparison: Path,

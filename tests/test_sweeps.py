@@ -30,6 +30,7 @@ def summary_rows(sweep: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_mnist1d_preset_sweep_writes_report_and_matches_params(
     tmp_path: Path, data_dir: Path
 ) -> None:
@@ -60,6 +61,7 @@ def test_mnist1d_preset_sweep_writes_report_and_matches_params(
     assert "Welch" in report and "cnn_matched" in report
 
 
+@pytest.mark.slow
 def test_joblib_launcher_two_parallel_jobs_and_a_failing_grid_point(
     tmp_path: Path, data_dir: Path
 ) -> None:
