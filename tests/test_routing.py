@@ -180,7 +180,15 @@ def test_sparse_conv_kernel_mix_matches_loop_reference(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("top_k", "bias", "act"), [(1, True, "relu"), (2, False, "tanh"), (3, True, "linear")]
+    ("top_k", "bias", "act"),
+    [
+        (1, True, "relu"),
+        (2, False, "tanh"),
+        (3, True, "linear"),
+        (1, False, "linear"),
+        (2, True, "relu"),
+        (2, False, "linear"),
+    ],
 )
 def test_sparse_dense_matches_loop_reference(top_k: int, bias: bool, act: str) -> None:
     torch.manual_seed(0)
