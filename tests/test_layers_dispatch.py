@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 
-from moe_lab.layers import Conv1dMoE, Conv2dMoE, Conv3dMoE, DenseMoE, dispatch
+from moe_lab.layers import Conv1dMoE, Conv2dMoE, Conv3dMoE, DenseMoE, conv, dispatch
 
 
 def _layer() -> DenseMoE:
@@ -122,17 +122,33 @@ def test_activate_and_mix_matches_loops_and_gradcheck(relu: bool, spatial: tuple
     assert torch.autograd.gradcheck(fused, (hidden, gates))
 
 
+def _in_graph(t: torch.Tensor, name: str) -> bool:
+    """Whether a backward node whose class name contains ``name`` produced ``t``."""
+    todo, seen = [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if name in type(node).__name__:
+            return True
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return False
+
+
 @pytest.mark.parametrize("cls", [Conv1dMoE, Conv2dMoE, Conv3dMoE])
 @pytest.mark.parametrize("act", ["relu", None])
-def test_conv_layer_epilogue_matches_the_autograd_composition(cls, act) -> None:
+def test_conv_layer_epilogue_matches_the_autograd_composition(cls, act, monkeypatch) -> None:
     """The fused path and autograd's composition (which the layer keeps inside torch.func
-    transforms) give the same gradients."""
+    transforms and for small outputs) give the same gradients."""
+    monkeypatch.setattr(conv, "FUSED_EPILOGUE_MIN_ELEMENTS", 0)  # fused at this small size too
     torch.manual_seed(3)
     size = (6,) * cls.ndim
     layer = cls(3, 4, 2, 3, size, padding="same", expert_activation=act,
-                gating_activation="softmax").double()  # fmt: skip
+                gating_activation="softmax", expert_backend="channels").double()  # fmt: skip
     x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
     y = layer(x)
+    assert _in_graph(y, "ActivateAndMix")  # (auto would pick kernel_mix for linear experts)
     grads = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
     params = dict(layer.named_parameters())
 
@@ -207,3 +223,15 @@ def test_condconv_reuses_its_kernel_buffer_only_once_free() -> None:
         mixing.zero_grad(set_to_none=True)
         (mixing(x1) * w1).sum().backward()
         assert mixing._mixed_kernels._buffer.data_ptr() == kept
+
+
+def test_small_conv_outputs_take_the_composition_and_large_ones_the_fused_epilogue() -> None:
+    torch.manual_seed(0)
+    layer = Conv1dMoE(1, 4, 2, 3, (8,), padding="same", expert_activation="relu",
+                      gating_activation="softmax")  # fmt: skip
+    small = layer(torch.randn(2, 1, 8))  # 2 * 8 * 8 elements before the mix
+    assert not _in_graph(small, "ActivateAndMix")
+    big = Conv1dMoE(1, 4, 2, 3, (2**12,), padding="same", expert_activation="relu",
+                    gating_activation="softmax")  # fmt: skip
+    large = big(torch.randn(8, 1, 2**12))  # 8 * 8 * 4096 = 2**18 elements
+    assert _in_graph(large, "ActivateAndMix")
