@@ -370,7 +370,7 @@ class _ConvNdMoE(MoEBase):
         fused = act.is_identity or act.fn is torch.relu
         if (
             fused
-            and hidden.numel() >= max(1, FUSED_EPILOGUE_MIN_ELEMENTS)
+            and hidden.numel() >= max(1, FUSED_EPILOGUE_MIN_ELEMENTS)  # never for empty ones
             and hidden.is_contiguous()
             and not torch.compiler.is_compiling()
             and not routing.in_functorch_transform(hidden, gates)

@@ -95,7 +95,7 @@ class _GroupedLinear(torch.autograd.Function):
     each expert's contiguous slice of rows times its own matrix (transposed, as ``F.linear``).
 
     A custom Function, not autograd through a loop of ``addmm`` on ``weight.unbind(0)``: the
-    backward writes each expert's weight gradient straight into one ``(K, in, out)`` buffer laid
+    backward writes each expert's weight gradient straight into one ``(K, out, in)`` buffer laid
     out like ``weight`` (so it becomes ``.grad`` without a copy), where unbind's backward would
     allocate K slices and then stack them, and the forward writes into one output instead of
     concatenating. On CPU each fresh large buffer costs page faults, which dominate at this size.
@@ -187,8 +187,9 @@ def grouped_linear(
     grad_buffer: ReusableBuffer | None = None,
 ) -> Tensor:
     """``(M, in) -> (M, out)``: rows ``[sum(counts[:e]), sum(counts[:e+1]))`` go through expert
-    e's ``weight[e] (out, in)`` and ``bias[e] (out,)``, as ``F.linear(rows, weight[e], bias[e])``. One GEMM per expert on a contiguous slice
-    (the loop is over experts, with a Python int count each, never over rows).
+    e's ``weight[e] (out, in)`` and ``bias[e] (out,)``, as ``F.linear(rows, weight[e], bias[e])``.
+    One GEMM per expert on a contiguous slice (the loop is over experts, with a Python int count
+    each, never over rows).
 
     Under autocast the operands are cast to the autocast dtype first (as ``F.linear`` would be),
     and the GEMMs run with autocast off (``out=`` GEMMs do not autocast). ``grad_buffer`` (see
@@ -259,9 +260,9 @@ class _MixAllKernels(torch.autograd.Function):
 
     One batched GEMM over the filters, as ``einsum("bfk,fkw->bfw")`` would be, but each GEMM
     writes its ``(B, W)`` block straight into the sample-major result through a strided view
-    (and the backward reads it back the same way). ``einsum`` computes a filter-major
-    ``(G, B, W)`` result and then copies it into the sample-major layout that the grouped
-    convolution needs: a full extra pass over the largest tensor of the layer, each way. The
+    (and the kernels' gradient reads the output gradient back the same way). ``einsum`` computes
+    a filter-major ``(G, B, W)`` result and then copies it into the sample-major layout that the
+    grouped convolution needs: a full extra pass over the largest tensor of the layer. The
     result is written into ``buffer`` (a :class:`ReusableBuffer`) when one is given: resident
     memory instead of a fresh allocation each step (measured at B=256, G=64, K=4, W=576: the
     forward mix took 48 ms into fresh memory, 9 ms into resident memory).
@@ -290,13 +291,13 @@ class _MixAllKernels(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_mixed: Tensor
     ) -> tuple[Tensor | None, Tensor | None, None]:
         gates, kernels = ctx.saved_tensors
-        grad_by_filter = grad_mixed.contiguous().transpose(0, 1)  # (G, B, W), a view
         grad_gates = grad_kernels = None
         if ctx.needs_input_grad[0]:
             # einsum's own batched GEMM over the filters, into a fresh filter-major result
             # (a B*G*K copy), ran 10-25% faster than a bmm into the strided sample-major one
             grad_gates = torch.einsum("bfw,fkw->bfk", grad_mixed, kernels)
         if ctx.needs_input_grad[1]:
+            grad_by_filter = grad_mixed.contiguous().transpose(0, 1)  # (G, B, W), a view
             grad_kernels = torch.bmm(gates.permute(1, 2, 0), grad_by_filter)  # (G, K, W)
         return grad_gates, grad_kernels, None
 
@@ -330,7 +331,8 @@ class _ActivateAndMix(torch.autograd.Function):
       the convolution's own time.
 
     First-order only (no double backward). The caller keeps autograd's composition where this
-    does not apply (other activations, channels_last layouts, torch.func transforms) and under
+    does not apply (other activations, channels_last layouts, torch.func transforms), for small
+    outputs (where this Function's Python cost outweighs the passes it saves) and under
     ``torch.compile``, whose compiler fuses the composition itself.
     """
 
