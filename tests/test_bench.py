@@ -19,7 +19,7 @@ from moe_lab.bench import layers, main, parse_args, training
 from moe_lab.bench.cli import Context
 from moe_lab.bench.measure import interleave
 from moe_lab.bench.report import Row
-from moe_lab.layers import Conv1dMoE
+from moe_lab.layers import Conv1dMoE, Conv2dMoE
 
 CPU = torch.device("cpu")
 
@@ -84,7 +84,14 @@ def test_quick_layer_sections_write_consistent_json_and_tables(
         assert ("× naive port" in row["checks"]) == (not row["name"].startswith("DenseMoE"))
     assert {type_ for r in by_section["layers"] for type_ in [r["info"]["layer"]["class"]]} == {
         "Conv1dMoE", "Conv2dMoE", "Conv3dMoE", "DenseMoE"}  # fmt: skip
-    assert any("CondConv2d" in r["name"] for r in by_section["peers"])
+    condconv = [r for r in by_section["peers"] if "CondConv2d" in r["name"]]
+    assert condconv
+    for row in condconv:  # roofline = CondConv's floor + the mix's bytes / bandwidth
+        extra = row["info"]["mix_bytes"] / row["info"]["bandwidth"]
+        assert row["samples"]["roofline"] == pytest.approx(
+            [t + extra for t in row["samples"]["floor"]]
+        )
+        assert {"× peer", "× roofline"} <= set(row["checks"])
     loop = [r for r in by_section["peers"] if "per-expert loop" in r["name"]]
     assert loop and all({"× peer", "× nn.Linear", "× roofline"} <= set(r["checks"]) for r in loop)
     table = (out / "bench.md").read_text()
@@ -272,3 +279,36 @@ def test_quick_gpu_layers(tmp_path: Path) -> None:
     assert report["environment"]["gpu"] and report["rows"]
     for row in report["rows"]:
         _check_row(row)
+
+
+def test_condconv_floor_is_the_layers_conv_and_router_and_its_bytes_the_formula() -> None:
+    """With the layer's per-sample kernels (mixed here by hand from its gates) and its gate
+    copied in, the floor's grouped convolution IS the layer's output and its router gives the
+    layer's gate logits."""
+    torch.manual_seed(0)
+    k, cin, cout, batch = 3, 4, 5, 2
+    layer = Conv2dMoE(cin, cout, k, 3, gate_input="pooled", padding=1,
+                      expert_backend="kernel_mix", gating_activation="sigmoid")  # fmt: skip
+    with torch.no_grad():
+        layer.expert_bias.normal_()
+        layer.gating_bias.normal_()
+    floor = layers.CondConvFloor(cin, cout, k, batch, padding=1)
+    x = torch.randn(batch, cin, 6, 7)
+    with torch.no_grad():
+        gate_kernel, gate_bias = layer.gating_kernel.reshape(cin, -1), layer.gating_bias.reshape(-1)
+        logits = x.mean((2, 3)) @ gate_kernel + gate_bias
+        gates = torch.sigmoid(logits).view(batch, cout, k)
+        experts = layer.expert_kernel.view(cout, k, cin, 3, 3)
+        for b in range(batch):
+            for f in range(cout):
+                floor.kernels[b * cout + f] = sum(gates[b, f, e] * experts[f, e] for e in range(k))
+                floor.bias[b * cout + f] = (gates[b, f] * layer.expert_bias[f]).sum()
+        floor.router.weight.copy_(gate_kernel.T)
+        floor.router.bias.copy_(gate_bias)
+        y, router_logits = floor(x)
+        torch.testing.assert_close(y, layer(x))
+        torch.testing.assert_close(router_logits, logits)
+    width = 9 * cin
+    forward = k * cout * width + batch * cout * width
+    backward = batch * cout * width + 2 * k * cout * width
+    assert layers.condconv_mix_bytes(cin, cout, k, batch) == 4 * (forward + backward)

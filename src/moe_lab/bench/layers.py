@@ -112,6 +112,36 @@ class Floor(nn.Module):
         return self.experts(x), self.gate(x.flatten(1))
 
 
+class CondConvFloor(nn.Module):
+    """CondConv's products that no implementation can skip, forward + backward: ONE grouped
+    convolution of ``x (B, C, H, W)`` with ``B * out`` per-sample 3x3 kernels (a leaf here, so its
+    backward writes the per-sample kernels' gradient, as any CondConv's must) and the router's
+    ``Linear(C, out * K)`` of the average-pooled input. What is left out, the mix of the experts'
+    kernels, is memory-bound and counted in bytes (:func:`condconv_mix_bytes`)."""
+
+    def __init__(self, cin: int, cout: int, n_experts: int, batch: int, padding: int) -> None:
+        super().__init__()
+        self.batch, self.padding = batch, padding
+        self.kernels = nn.Parameter(torch.randn(batch * cout, cin, 3, 3) / math.sqrt(9 * cin))
+        self.bias = nn.Parameter(torch.zeros(batch * cout))
+        self.router = nn.Linear(cin, cout * n_experts)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        folded = x.reshape(1, -1, *x.shape[2:])  # the batch folded into channels, groups=B
+        y = torch.conv2d(folded, self.kernels, self.bias, 1, self.padding, 1, self.batch)
+        return y.view(x.shape[0], -1, *y.shape[2:]), self.router(x.mean((2, 3)))
+
+
+def condconv_mix_bytes(cin: int, cout: int, n_experts: int, batch: int) -> int:
+    """The fewest bytes the mix of CondConv's kernels moves, float32, with ``W = 9 C`` weights per
+    3x3 kernel and ``G = out`` filters: forward reads the ``K G W`` expert weights and writes the
+    ``B G W`` per-sample kernels; backward reads the per-sample kernels' gradient once and the
+    experts once (the gates' gradient and the experts' both follow in that one pass) and writes
+    the experts' gradient: ``4 (2 B + 3 K) G W`` bytes."""
+    width = 9 * cin
+    return 4 * (2 * batch + 3 * n_experts) * cout * width
+
+
 def epilogue_bytes(shape: Shape, batch: int, n_experts: int, out: Tensor) -> int:
     """``4 (3K + 2) N`` bytes, N the output's elements (see the module docstring)."""
     assert out.shape[0] == batch and out.shape[1] == shape.cout
@@ -199,9 +229,14 @@ def _condconv_row(ctx: Context, k: int, cin: int, cout: int, size: int, batch: i
     except ImportError:
         row.name += ": timm not installed"
         return row
+    floor = CondConvFloor(cin, cout, k, batch, padding=1)
     x = torch.rand(batch, cin, size, size, device=ctx.device, requires_grad=True)
-    _measure(ctx, row, {"moe_lab": layer, "peer": peer}, x)
+    _measure(ctx, row, {"moe_lab": layer, "peer": peer, "floor": floor}, x)
+    nbytes = condconv_mix_bytes(cin, cout, k, batch)
+    row.add("roofline", [t + nbytes / ctx.bandwidth for t in row.samples["floor"]])
+    row.info.update(mix_bytes=nbytes, bandwidth=ctx.bandwidth)
     row.ratio("× peer", "moe_lab", "peer", 1.0)
+    row.ratio("× roofline", "moe_lab", "roofline")
     return row
 
 
@@ -229,7 +264,8 @@ def _dense_row(ctx: Context, top_k: int, cin: int, cout: int, batch: int) -> Row
 
 def run_peers(ctx: Context) -> Iterator[Row]:
     """``Conv2dMoE(expert_backend="kernel_mix", gate_input="pooled")``, linear experts, against
-    timm's CondConv2d with an external router; sparse ``DenseMoE(K=16)`` against the per-expert
+    timm's CondConv2d with an external router and against its roofline (:class:`CondConvFloor`
+    plus the mix's bytes at the measured bandwidth); sparse ``DenseMoE(K=16)`` against the per-expert
     loop of Mixtral-style code, against one ``nn.Linear(in, top_k * out)`` (the kept experts'
     multiply-adds as one GEMM) and against its roofline: that Linear's time plus the time to read
     all K experts' weights twice and write their gradient once at the measured bandwidth."""
