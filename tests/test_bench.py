@@ -91,7 +91,7 @@ def test_quick_layer_sections_write_consistent_json_and_tables(
         assert row["samples"]["roofline"] == pytest.approx(
             [t + extra for t in row["samples"]["floor"]]
         )
-        assert {"× peer", "× roofline"} <= set(row["checks"])
+        assert {"× peer", "× roofline", "peer × roofline"} <= set(row["checks"])
     loop = [r for r in by_section["peers"] if "per-expert loop" in r["name"]]
     assert loop and all({"× peer", "× nn.Linear", "× roofline"} <= set(r["checks"]) for r in loop)
     table = (out / "bench.md").read_text()

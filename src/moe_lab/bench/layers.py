@@ -237,6 +237,7 @@ def _condconv_row(ctx: Context, k: int, cin: int, cout: int, size: int, batch: i
     row.info.update(mix_bytes=nbytes, bandwidth=ctx.bandwidth)
     row.ratio("× peer", "moe_lab", "peer", 1.0)
     row.ratio("× roofline", "moe_lab", "roofline")
+    row.ratio("peer × roofline", "peer", "roofline")  # how close timm itself gets
     return row
 
 
