@@ -18,7 +18,7 @@ from conftest import REPO_ROOT, run_module
 from moe_lab.bench import layers, main, parse_args, training
 from moe_lab.bench.cli import Context
 from moe_lab.bench.measure import interleave
-from moe_lab.bench.report import Row
+from moe_lab.bench.report import Row, render_markdown
 from moe_lab.layers import Conv1dMoE, Conv2dMoE
 
 CPU = torch.device("cpu")
@@ -30,6 +30,12 @@ def _ctx(tmp_path: Path, overrides: list[str] = (), repeats: int = 1) -> Context
     return ctx
 
 
+def _interpolate(ordered: list[float], position: float) -> float:
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
+
+
 def _check_row(row: dict[str, Any]) -> None:
     """Every time is the median of its samples; every ratio the median of its per-round
     ratios."""
@@ -39,7 +45,14 @@ def _check_row(row: dict[str, Any]) -> None:
     for check in row["checks"].values():
         if check["num"] is not None:
             pairs = zip(row["samples"][check["num"]], row["samples"][check["den"]], strict=True)
-            assert check["value"] == pytest.approx(statistics.median(a / b for a, b in pairs))
+            ratios = sorted(a / b for a, b in pairs)
+            assert check["value"] == pytest.approx(statistics.median(ratios))
+            if len(ratios) < 2:
+                assert check["quartiles"] is None
+            else:  # linear interpolation between order statistics, at 1/4 and 3/4 of the way
+                assert check["quartiles"] == pytest.approx(
+                    [_interpolate(ratios, q * (len(ratios) - 1)) for q in (0.25, 0.75)]
+                )
         if check["limit"] is None:
             assert check["passed"] is None
         else:
@@ -230,7 +243,21 @@ def test_row_ratio_is_the_median_of_per_round_ratios() -> None:
     row.add("b", [2.0, 2.0, 3.0])
     check = row.ratio("a/b", "a", "b", 1.0)
     assert check.value == pytest.approx(2.0) and check.passed is False  # ratios 0.5, 2, 3
+    assert check.quartiles == pytest.approx((1.25, 2.5))  # halfway 0.5-2, halfway 2-3
     assert row.times == {"a": 4.0, "b": 2.0}
+    assert "2.00 [1.25-2.50] (≤ 1) miss" in render_markdown(_REPORT, [row], {"x": "X"})
+
+
+_REPORT = {
+    "started": "now",
+    "wall_time_s": 1.0,
+    "load_average_start": None,
+    "load_average_end": None,
+    "errors": [],
+    "machine": {"copy_bandwidth_GBps": 1.0, "gemm_GFLOPs": 1.0},
+    "environment": {"device": "cpu", "cpu_model": "c", "cpu_count": 2, "torch_threads": 1,
+                    "gpu": None, "torch": "t", "lightning": "l", "python": "p"},
+}  # fmt: skip
 
 
 @pytest.mark.parametrize(

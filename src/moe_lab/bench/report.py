@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,16 @@ from .measure import median
 class Check:
     """A ratio (of the samples ``num`` and ``den`` where both are given) against a limit.
 
-    ``limit`` None: reported, no target here (e.g. a GPU target on a CPU run)."""
+    ``limit`` None: reported, no target here (e.g. a GPU target on a CPU run). ``quartiles``: the
+    first and third quartile of the per-round ratios (None below 2 rounds), so that a reader sees
+    how far this run's own rounds spread around the median that the verdict is taken on."""
 
     value: float
     op: str = "<="
     limit: float | None = None
     num: str | None = None
     den: str | None = None
+    quartiles: tuple[float, float] | None = None
 
     @property
     def passed(self) -> bool | None:
@@ -54,7 +58,12 @@ class Row:
         """The median over rounds of ``num / den``: each round ran both sides back to back, so
         a burst of load from other processes mostly hits a round's both sides."""
         pairs = zip(self.samples[num], self.samples[den], strict=True)
-        self.checks[label] = Check(median([a / b for a, b in pairs]), op, limit, num, den)
+        ratios = [a / b for a, b in pairs]
+        spread = None
+        if len(ratios) >= 2:
+            q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+            spread = (q1, q3)
+        self.checks[label] = Check(median(ratios), op, limit, num, den, spread)
         return self.checks[label]
 
     def to_json(self) -> dict[str, Any]:
@@ -75,8 +84,14 @@ def _seconds(value: float) -> str:
     return f"{value * 1e3:.2f} ms" if value >= 1e-3 else f"{value * 1e6:.0f} µs"
 
 
+def _ratio(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
+
+
 def _check(check: Check) -> str:
-    value = f"{check.value:,.0f}" if check.value >= 100 else f"{check.value:.2f}"
+    value = _ratio(check.value)
+    if check.quartiles is not None:
+        value += " [" + "-".join(_ratio(q) for q in check.quartiles) + "]"
     if check.passed is None:
         return value
     text = f"{value} ({'≤' if check.op == '<=' else '≥'} {check.limit:g})"
@@ -96,7 +111,8 @@ def render_markdown(report: dict[str, Any], rows: list[Row], titles: dict[str, s
         "",
         f"Measured in this run: copy bandwidth {m['copy_bandwidth_GBps']:.1f} GB/s (read + "
         f"written), float32 GEMM {m['gemm_GFLOPs']:.1f} GFLOP/s. Load average (1/5/15 min) "
-        f"{loads}. A time is the median over rounds, a ratio the median of the per-round ratios.",
+        f"{loads}. A time is the median over rounds, a ratio the median of the per-round ratios "
+        "(in brackets their first and third quartiles: this run's own spread).",
     ]
     for section, title in titles.items():
         chosen = [r for r in rows if r.section == section]
