@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 
-from .measure import Clock, copy_bandwidth, environment, gemm_rate, load_average
+from .measure import (
+    Clock,
+    copy_bandwidth,
+    environment,
+    gemm_rate,
+    load_average,
+    pin_allocator,
+)
 from .report import Row, render_markdown, write_outputs
 
 SECTIONS = {
@@ -95,11 +102,13 @@ def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[Row]]:
     out.mkdir(parents=True)
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = pin_allocator() if args.malloc == "pinned" else None
     begin = time.perf_counter()
     report: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "environment": environment(device),
+        "allocator": allocator,
         "load_average_start": load_average(),
         "errors": [],
     }
@@ -171,6 +180,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and steps (tests)")
     parser.add_argument("--threads", type=_at_least(1), help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--malloc",
+        choices=("pinned", "default"),
+        default="pinned",
+        help="pinned (default): glibc malloc's mmap and trim thresholds fixed, so that no side's "
+        "page faults depend on the others (see moe_lab.bench.measure.pin_allocator); default: "
+        "glibc's adaptive thresholds",
+    )
     parser.add_argument(
         "--repeats",
         type=_at_least(5, " (a median of >= 5)"),

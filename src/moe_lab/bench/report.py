@@ -98,6 +98,15 @@ def _check(check: Check) -> str:
     return text if check.passed else f"**{text} miss**"
 
 
+def _allocator(settings: dict[str, int] | None) -> str:
+    if settings is None:
+        return "malloc: the C library's default thresholds."
+    return (
+        f"malloc pinned: blocks up to {settings['mmap_threshold'] // 2**20} MiB from the heap, "
+        "never trimmed."
+    )
+
+
 def render_markdown(report: dict[str, Any], rows: list[Row], titles: dict[str, str]) -> str:
     """The machine, then one table per section: seconds per call (or step) of each side, and
     each ratio with its target (missed targets in bold)."""
@@ -111,8 +120,9 @@ def render_markdown(report: dict[str, Any], rows: list[Row], titles: dict[str, s
         "",
         f"Measured in this run: copy bandwidth {m['copy_bandwidth_GBps']:.1f} GB/s (read + "
         f"written), float32 GEMM {m['gemm_GFLOPs']:.1f} GFLOP/s. Load average (1/5/15 min) "
-        f"{loads}. A time is the median over rounds, a ratio the median of the per-round ratios "
-        "(in brackets their first and third quartiles: this run's own spread).",
+        f"{loads}. {_allocator(report.get('allocator'))} A time is the median over rounds, a "
+        "ratio the median of the per-round ratios (in brackets their first and third "
+        "quartiles: this run's own spread).",
     ]
     for section, title in titles.items():
         chosen = [r for r in rows if r.section == section]
