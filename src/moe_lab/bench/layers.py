@@ -30,7 +30,7 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 
 from moe_lab.config import compose_config
-from moe_lab.layers import Conv1dMoE, Conv2dMoE, Conv3dMoE, DenseMoE, MoEBase
+from moe_lab.layers import Conv1dMoE, Conv2dMoE, Conv3dMoE, DenseMoE, MoEBase, dispatch
 
 from .cli import Context
 from .measure import time_calls
@@ -121,15 +121,17 @@ class CondConvFloor(nn.Module):
 
     def __init__(self, cin: int, cout: int, n_experts: int, batch: int, padding: int) -> None:
         super().__init__()
-        self.batch, self.padding = batch, padding
+        self.padding = padding
         self.kernels = nn.Parameter(torch.randn(batch * cout, cin, 3, 3) / math.sqrt(9 * cin))
         self.bias = nn.Parameter(torch.zeros(batch * cout))
         self.router = nn.Linear(cin, cout * n_experts)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        folded = x.reshape(1, -1, *x.shape[2:])  # the batch folded into channels, groups=B
-        y = torch.conv2d(folded, self.kernels, self.bias, 1, self.padding, 1, self.batch)
-        return y.view(x.shape[0], -1, *y.shape[2:]), self.router(x.mean((2, 3)))
+        def conv(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+            return torch.conv2d(x, weight, bias, 1, self.padding, 1, groups)
+
+        y = dispatch.grouped_conv(conv, x, self.kernels, self.bias)
+        return y, self.router(x.mean((2, 3)))
 
 
 def condconv_mix_bytes(cin: int, cout: int, n_experts: int, batch: int) -> int:
@@ -140,6 +142,12 @@ def condconv_mix_bytes(cin: int, cout: int, n_experts: int, batch: int) -> int:
     the experts' gradient: ``4 (2 B + 3 K) G W`` bytes."""
     width = 9 * cin
     return 4 * (2 * batch + 3 * n_experts) * cout * width
+
+
+def add_roofline(ctx: Context, row: Row, base: str, nbytes: int) -> None:
+    """``row``'s roofline, round by round: the measured side ``base`` plus ``nbytes`` at the
+    measured copy bandwidth."""
+    row.add("roofline", [t + nbytes / ctx.bandwidth for t in row.samples[base]])
 
 
 def epilogue_bytes(shape: Shape, batch: int, n_experts: int, out: Tensor) -> int:
@@ -203,7 +211,7 @@ def run_layers(ctx: Context) -> Iterator[Row]:
         _measure(ctx, row, modules, x)
         with torch.no_grad():
             nbytes = epilogue_bytes(shape, batch, k, layer.to(ctx.device)(x))
-        row.add("roofline", [t + nbytes / ctx.bandwidth for t in row.samples["floor"]])
+        add_roofline(ctx, row, "floor", nbytes)
         row.info.update(epilogue_bytes=nbytes, bandwidth=ctx.bandwidth, input_grad=not shape.first,
                         layer={"class": kind, "in": shape.cin, "out": shape.cout,
                                "input_size": list(shape.size), "padding": shape.padding})  # fmt: skip
@@ -233,7 +241,7 @@ def _condconv_row(ctx: Context, k: int, cin: int, cout: int, size: int, batch: i
     x = torch.rand(batch, cin, size, size, device=ctx.device, requires_grad=True)
     _measure(ctx, row, {"moe_lab": layer, "peer": peer, "floor": floor}, x)
     nbytes = condconv_mix_bytes(cin, cout, k, batch)
-    row.add("roofline", [t + nbytes / ctx.bandwidth for t in row.samples["floor"]])
+    add_roofline(ctx, row, "floor", nbytes)
     row.info.update(mix_bytes=nbytes, bandwidth=ctx.bandwidth)
     row.ratio("× peer", "moe_lab", "peer", 1.0)
     row.ratio("× roofline", "moe_lab", "roofline")
@@ -254,7 +262,7 @@ def _dense_row(ctx: Context, top_k: int, cin: int, cout: int, batch: int) -> Row
     # every step reads all experts' weights (forward, input gradient) and writes their gradient
     weight_bytes = 3 * 4 * k * cin * cout
     row.times["weight bytes"] = weight_bytes / ctx.bandwidth
-    row.add("roofline", [t + weight_bytes / ctx.bandwidth for t in row.samples["nn.Linear"]])
+    add_roofline(ctx, row, "nn.Linear", weight_bytes)
     row.info.update(weight_bytes=weight_bytes, bandwidth=ctx.bandwidth,
                     linear=f"nn.Linear({cin}, {top_k * cout})")  # fmt: skip
     row.ratio("× peer", "moe_lab", "peer", 1.0)
