@@ -1,0 +1,1 @@
+"""Experiments that are not training runs (each in its own sub-package)."""
