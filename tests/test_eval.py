@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_module
-from moe_lab.record import EVAL_FILE, EvalRecord
+from moe_lab.run.record import EVAL_FILE, EvalRecord
 
 TRAIN = [
     "experiment=mnist1d",

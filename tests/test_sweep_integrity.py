@@ -32,7 +32,7 @@ from conftest import REPO_ROOT, cli_env, run_module
 from moe_lab.analysis import load_runs, read_plan, summarize, write_report
 from moe_lab.analysis.callbacks import SweepReportCallback
 from moe_lab.finish import main as finish_main
-from moe_lab.record import METRICS_COLUMNS, REQUIRED_FIELDS, SUMMARY_FIELDS, RunSummary
+from moe_lab.run.record import METRICS_COLUMNS, REQUIRED_FIELDS, SUMMARY_FIELDS, RunSummary
 from moe_lab.report import main as report_main
 from moe_lab.utils.io import atomic_write_json
 from test_analysis import ref_mean_se, ref_welch
@@ -189,7 +189,7 @@ def test_a_field_added_to_the_record_reaches_the_reader_and_its_contract_check(
     script = f"""
 import json, warnings
 from pathlib import Path
-from moe_lab.record import REQUIRED_FIELDS, SUMMARY_FIELDS, RunSummary
+from moe_lab.run.record import REQUIRED_FIELDS, SUMMARY_FIELDS, RunSummary
 from moe_lab.utils.io import atomic_write_json
 from moe_lab.analysis import load_runs
 sweep = Path({str(tmp_path / "sweep")!r})

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose_train, run_module
-from moe_lab.record import SUMMARY_FIELDS
+from moe_lab.run.record import SUMMARY_FIELDS
 from moe_lab.train import train
 
 TINY = [

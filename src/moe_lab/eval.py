@@ -3,7 +3,7 @@
 The network is rebuilt from the config its run recorded (``<run_dir>/.hydra/config.yaml``, found
 next to the checkpoint) through the same assembly as training, the weights are loaded with
 ``weights_only=True``, and the test split of the run's dataset, or of ``data=...``, is scored.
-The result is printed and written to ``eval.json`` (:class:`moe_lab.record.EvalRecord`) in the
+The result is printed and written to ``eval.json`` (:class:`moe_lab.run.record.EvalRecord`) in the
 evaluation's own output dir (``outputs/eval/<time>_<id>/``).
 """
 
@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from moe_lab import console
 from moe_lab.assembly import build_module, set_process_options
 from moe_lab.config import CONFIG_DIR, ConfigError
-from moe_lab.record import EVAL_FILE, EvalRecord
+from moe_lab.run.record import EVAL_FILE, EvalRecord
 from moe_lab.utils.io import atomic_write_json
 from moe_lab.utils.resolvers import _interactive
 

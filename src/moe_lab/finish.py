@@ -4,7 +4,7 @@ Reruns, in place, only the jobs of an existing sweep dir that lack a completed `
 then rebuilds the one report over all of them:
 
 - the jobs come from the sweep's ``multirun.yaml`` (Hydra's expansion of the sweep, see
-  :mod:`moe_lab.analysis.plan`), so jobs that never started are known too;
+  :mod:`moe_lab.run.sweep`), so jobs that never started are known too;
 - a job with ``checkpoints/last.ckpt`` (interrupted, killed or failed mid-run) is resumed:
   ``python -m moe_lab.train <job overrides> resume=<job dir>``;
 - a job without one is started in the dir Hydra gave it (``hydra.run.dir=<sweep>/<num>_<override
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from moe_lab.analysis.plan import PlannedJob, SweepPlan, override_identity, read_plan
+from moe_lab.run.sweep import PlannedJob, SweepPlan, override_identity, read_plan
 from moe_lab.analysis.runs import load_runs
 from moe_lab.report import rebuild, usage_error
 

@@ -54,7 +54,7 @@ from moe_lab.layers import MoEBase
 from moe_lab.lit import DivergedError
 from moe_lab.lit.loggers import log_final_record
 from moe_lab.models import ModelFacts
-from moe_lab.record import METRICS_FILE, SUMMARY_FILE, RunSummary, validate_summary
+from moe_lab.run.record import METRICS_FILE, SUMMARY_FILE, RunSummary, validate_summary
 from moe_lab.utils.io import atomic_write_json, atomic_write_text, remove_stale_tmp_files
 
 log = logging.getLogger("moe_lab.train")

@@ -3,8 +3,8 @@
 A *sweep dir* holds one sub-dir per job (Hydra's ``hydra.sweep.dir``), possibly nested one more
 level (``SWEEP/<experiment>/<job>/``), and Hydra's ``multirun.yaml``. A parent of several sweep
 dirs (a sweep and its rerun) is read the same way. Each job dir holds the run record defined in
-:mod:`moe_lab.record`: ``summary.json`` (:class:`~moe_lab.record.RunSummary`) and ``metrics.csv``
-(:class:`~moe_lab.record.MetricsRow`).
+:mod:`moe_lab.run.record`: ``summary.json`` (:class:`~moe_lab.run.record.RunSummary`) and ``metrics.csv``
+(:class:`~moe_lab.run.record.MetricsRow`).
 
 Every job is reported, never silently dropped. The ``status`` column is one of
 
@@ -37,7 +37,7 @@ from typing import Any
 
 import pandas as pd
 
-from moe_lab.record import (
+from moe_lab.run.record import (
     ACCURACY_FIELDS,
     FINAL_STATUSES,
     GATE_COLUMN,
@@ -48,7 +48,7 @@ from moe_lab.record import (
     validate_summary,
 )
 
-from .plan import SweepPlan, override_identity, parse_overrides, read_plan
+from moe_lab.run.sweep import SweepPlan, override_identity, parse_overrides, read_plan
 
 #: Statuses that keep a job out of the averages and make the report exit non-zero.
 NOT_COMPLETED_STATUSES: tuple[str, ...] = (
@@ -354,7 +354,7 @@ def _metrics_problem(run_dir: Path) -> str | None:
         return f"{path}: cannot read metrics.csv ({err.strerror or err})"
     missing = [c for c in _CURVE_COLUMNS if c not in metrics.columns]
     if missing:
-        return f"{path}: metrics.csv missing columns {missing} (the columns are MetricsRow's, moe_lab/record.py)"
+        return f"{path}: metrics.csv missing columns {missing} (the columns are MetricsRow's, moe_lab/run/record.py)"
     for column in _CURVE_COLUMNS:
         if pd.to_numeric(metrics[column], errors="coerce").isna().any():
             return f"{path}: metrics.csv column {column!r} holds a value that is not a number"
@@ -502,7 +502,7 @@ def load_runs(sweep_dir: str | Path) -> pd.DataFrame:
 
     Columns: ``run_name`` (the job dir relative to ``sweep_dir``), ``group`` (see
     :func:`group_label`; null for runs without a valid summary), ``status`` (module docstring),
-    ``detail`` (why a run is not completed), every field of :class:`~moe_lab.record.RunSummary`
+    ``detail`` (why a run is not completed), every field of :class:`~moe_lab.run.record.RunSummary`
     (``diverged_at`` split into ``diverged_at_epoch`` and ``diverged_at_step``; ``overrides``
     joined with spaces), ``context`` (the swept overrides that split groups, as ``key=value``
     words), ``base_group`` (the group's label without them), ``superseded_by``,
@@ -642,7 +642,7 @@ def load_curves(runs: pd.DataFrame, *, statuses: Iterable[str] = ("completed",))
         if missing:
             raise ValueError(
                 f"{path}: metrics.csv missing columns {missing} (the columns are MetricsRow's, "
-                "moe_lab/record.py)"
+                "moe_lab/run/record.py)"
             )
         for column in id_columns:
             metrics.insert(id_columns.index(column), column, run[column])

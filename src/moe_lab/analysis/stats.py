@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from scipy import special, stats
 
-from moe_lab.record import FINAL_STATUSES
+from moe_lab.run.record import FINAL_STATUSES
 
 from .runs import group_keys
 

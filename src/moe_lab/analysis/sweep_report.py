@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from .plan import SweepPlan
+from moe_lab.run.sweep import SweepPlan
 from .plots import figure_caption, plot_curves, render_figure
 from .runs import NOT_COMPLETED_STATUSES, STATUSES, SUPERSEDED, load_curves, load_runs, sweep_plans
 from .stats import DEFAULT_BASELINES, METRIC_NAMES, summarize

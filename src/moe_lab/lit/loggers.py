@@ -21,7 +21,7 @@ from typing import Any
 
 from lightning.pytorch.loggers import Logger
 
-from moe_lab.record import RunSummary
+from moe_lab.run.record import RunSummary
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ def _plain(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """What a built network is: the run record (``moe_lab.record.RunSummary``) copies these."""
+    """What a built network is: the run record (``moe_lab.run.record.RunSummary``) copies these."""
 
     kind: str
     name: str

@@ -20,10 +20,22 @@ from pathlib import Path
 from typing import Any
 
 MULTIRUN_FILE = "multirun.yaml"
-#: Override keys that never change what a job computes: where it writes, how it is logged, and
-#: which dir it resumes (a resumed run is the same run).
-BOOKKEEPING_KEYS: tuple[str, ...] = ("resume", "logger", "num_threads")
-BOOKKEEPING_PREFIXES: tuple[str, ...] = ("paths.", "hydra.", "logger.", "hydra/")
+#: THE list of override keys that never identify a job: where it writes (``paths``, ``hydra``),
+#: how it is logged (``logger``), which dir it resumes (a resumed run is the same run), how many
+#: threads it uses, and a comparison's own bookkeeping (where it lives, what its report calls the
+#: baseline, how many jobs go to the launcher at once). A key counts when it is one of these or
+#: lies below one (``logger.wandb.project``, ``hydra/launcher``). The sweep plan, the run labels,
+#: the report's groups and a comparison's resume check all read it from here.
+NOT_IDENTIFYING_KEYS: tuple[str, ...] = (
+    "resume",
+    "logger",
+    "num_threads",
+    "paths",
+    "hydra",
+    "compare.baseline",
+    "compare.batch_size",
+    "compare.dir",
+)
 _BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 _JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 
@@ -34,7 +46,11 @@ def override_key(item: str) -> str:
 
 
 def is_bookkeeping(key: str) -> bool:
-    return key in BOOKKEEPING_KEYS or key.startswith(BOOKKEEPING_PREFIXES)
+    """True for a key of :data:`NOT_IDENTIFYING_KEYS` or one below it (``+``/``~`` ignored)."""
+    key = key.lstrip("+~")
+    return any(
+        key == root or key.startswith((f"{root}.", f"{root}/")) for root in NOT_IDENTIFYING_KEYS
+    )
 
 
 def normalize_value(value: str) -> str:
@@ -219,9 +235,8 @@ def read_plan(sweep_dir: str | Path) -> SweepPlan | None:
 
 
 __all__ = [
-    "BOOKKEEPING_KEYS",
-    "BOOKKEEPING_PREFIXES",
     "MULTIRUN_FILE",
+    "NOT_IDENTIFYING_KEYS",
     "PlannedJob",
     "SweepPlan",
     "is_bookkeeping",

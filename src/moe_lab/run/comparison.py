@@ -1,0 +1,160 @@
+"""A comparison dir's own files, each named once here with its typed reader and writer.
+
+An equal-budget comparison (``python -m moe_lab.compare``) keeps, beside its ordinary run dirs
+(``tune/<arm>/trial_<i>/``, ``final/<arm>/seed_<s>/``):
+
+- ``comparison.json`` (:data:`MARKER`): one :class:`ComparisonRecord`, the settings it started
+  with; it marks the dir as a comparison;
+- ``study.db`` (:data:`STUDY_DB`): Optuna's SQLite storage, one study per arm (study name = arm);
+- ``sessions.jsonl`` (:data:`SESSIONS`): one :class:`Session` line per process that ran it;
+- ``comparison.log`` (:data:`LOG`): what each session launched and what came back, a line each;
+- ``.compare.lock`` / ``.jobs.lock``: held by the comparison process (exclusive) and by each of
+  its running jobs (shared);
+- ``<stage>/<arm>/.killed/``: the leftovers of runs that a kill cut off before their first
+  checkpoint, moved aside (never deleted) before the run starts over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moe_lab.utils.io import atomic_write_json
+
+MARKER = "comparison.json"
+STUDY_DB = "study.db"
+SESSIONS = "sessions.jsonl"
+LOG = "comparison.log"
+LOCK = ".compare.lock"
+JOBS_LOCK = ".jobs.lock"
+KILLED_DIR = ".killed"
+#: ``kind`` of every record this package writes.
+MARKER_KIND = "moe_lab.compare"
+
+
+class NotAComparison(ValueError):
+    """The dir is no comparison dir, or its record cannot be read (the message says which)."""
+
+
+@dataclass
+class ComparisonRecord:
+    """``comparison.json``: what a comparison was started with."""
+
+    settings: dict[str, Any]
+    experiment: str | None = None
+    command: str = ""
+    baseline: str | None = None
+    created: str = field(default_factory=lambda: dt.datetime.now().isoformat(timespec="seconds"))
+    kind: str = MARKER_KIND
+    version: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ComparisonRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class Session:
+    """One line of ``sessions.jsonl``: a process that ran the comparison, and for how long."""
+
+    started: str
+    wall_time_s: float
+    resumed: bool
+
+
+def is_comparison_dir(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def read_record(comparison_dir: str | Path) -> ComparisonRecord:
+    """The dir's :class:`ComparisonRecord`.
+
+    Raises:
+        NotAComparison: no such dir, no ``comparison.json``, or one that is unreadable or not a
+            moe_lab comparison record.
+    """
+    path = Path(comparison_dir).expanduser()
+    hint = "pass the dir a comparison printed, e.g. outputs/compare/<experiment>/<time>_<id>"
+    if not path.is_dir():
+        raise NotAComparison(f"{comparison_dir}: no such directory; {hint}")
+    marker = path / MARKER
+    if not marker.is_file():
+        raise NotAComparison(
+            f"{comparison_dir} is not a comparison dir (it has no {MARKER}); {hint}"
+        )
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise NotAComparison(f"{marker} is unreadable ({err})") from None
+    if not isinstance(data, dict) or data.get("kind") != MARKER_KIND:
+        raise NotAComparison(f"{marker} is not a moe_lab comparison record")
+    if not isinstance(data.get("settings"), dict):
+        raise NotAComparison(f"{marker} is not a comparison record (no settings)")
+    return ComparisonRecord.from_dict(data)
+
+
+def write_record(comparison_dir: Path, record: ComparisonRecord) -> Path:
+    return atomic_write_json(comparison_dir / MARKER, record.to_dict())
+
+
+def study_storage(comparison_dir: Path) -> str:
+    """Optuna's storage URL of the dir's ``study.db``."""
+    return f"sqlite:///{comparison_dir / STUDY_DB}"
+
+
+def has_study_db(comparison_dir: Path) -> bool:
+    return (comparison_dir / STUDY_DB).is_file()
+
+
+def append_session(comparison_dir: Path, session: Session) -> None:
+    with open(comparison_dir / SESSIONS, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(dataclasses.asdict(session)) + "\n")
+
+
+def read_sessions(comparison_dir: Path) -> list[dict[str, Any]]:
+    """The dir's sessions, in order (a line that is not JSON is skipped)."""
+    path = comparison_dir / SESSIONS
+    if not path.is_file():
+        return []
+    sessions = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            sessions.append(json.loads(line))
+    return sessions
+
+
+def append_log(comparison_dir: Path, message: str) -> None:
+    with open(comparison_dir / LOG, "a", encoding="utf-8") as handle:
+        handle.write(f"{dt.datetime.now().isoformat(timespec='seconds')} {message}\n")
+
+
+__all__ = [
+    "JOBS_LOCK",
+    "KILLED_DIR",
+    "LOCK",
+    "LOG",
+    "MARKER",
+    "MARKER_KIND",
+    "SESSIONS",
+    "STUDY_DB",
+    "ComparisonRecord",
+    "NotAComparison",
+    "Session",
+    "append_log",
+    "append_session",
+    "has_study_db",
+    "is_comparison_dir",
+    "read_record",
+    "read_sessions",
+    "study_storage",
+    "write_record",
+]
