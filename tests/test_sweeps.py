@@ -137,7 +137,7 @@ def test_experiment_presets_compose(experiment: str) -> None:
 
 def test_routing_variants_of_one_k_are_separate_groups(tmp_path: Path) -> None:
     from moe_lab.analysis import load_runs, summarize
-    from moe_lab.train import _routing_variant
+    from moe_lab.models import routing_variant as _routing_variant
 
     assert _routing_variant({"gate_input": "full", "top_k": 1}) is None
     assert (

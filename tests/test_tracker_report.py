@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_lab.analysis.tracker_report import FIGURE_KEY, TABLE_KEY, log_report_run
+from moe_lab.run.trackers import FIGURE_KEY, TABLE_KEY, log_report_run
 from wandb_log import record_items, wandb_records
 
 
@@ -74,7 +74,7 @@ def test_multirun_end_logs_the_report_in_the_jobs_group_only_with_wandb(
 ) -> None:
     from omegaconf import OmegaConf
 
-    from moe_lab.analysis.tracker_report import log_report_run_if_wandb
+    from moe_lab.run.trackers import log_report_run_if_wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     report = _report_dir(tmp_path)

@@ -63,7 +63,8 @@ def test_each_job_of_a_sweep_has_its_own_wandb_run(
         assert run.config["config"]["optimizer"]["lr"] == lr
         assert run.config["config"]["seed"] == 0
         assert run.config["params"] == summary["params"]
-        assert run.name == f"moe K=2 lr={lr} seed=0"
+        # the W&B name is the report group's label (moe_lab.run.labels) and the seed
+        assert run.name == f"moe K=2 optimizer.lr={lr} seed=0"
         assert run.group == f"mnist1d/{sweep_dir.name}"
         assert "seed=0" in run.tags and "model=moe" in run.tags
         # its own history: one epoch of this job, steps from 0
@@ -93,10 +94,11 @@ def test_a_diverged_run_finishes_its_wandb_run_as_failed(tmp_path: Path, data_di
     assert run.summary["summary/status"] == "diverged"
     assert run.summary["summary/error_type"] == "DivergedError"
     assert run.run_id == summary["wandb_id"]
-    # a single run is named by all its overrides but where it runs and what it logs
+    # a single run is named by all its overrides but where it runs, what it logs and what the
+    # label's own fields say (model, data, seed)
     assert run.name == (
-        "moe K=2 data=digits optimizer=sgd lr=1000000000000.0 max_epochs=1 "
-        "limit_train_batches=3 accelerator=cpu seed=0"
+        "moe K=2 optimizer=sgd optimizer.lr=1000000000000.0 trainer.max_epochs=1 "
+        "trainer.limit_train_batches=3 trainer.accelerator=cpu seed=0"
     )
     assert run.group == "adhoc"
     # and the next run of this process gets a W&B run of its own

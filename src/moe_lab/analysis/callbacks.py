@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from .runs import load_runs
 from .sweep_report import incomplete_jobs, write_report
-from .tracker_report import log_report_run_if_wandb
+from moe_lab.run.trackers import log_report_run_if_wandb
 
 _PREFIX = "[moe_lab sweep report]"
 

@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from moe_lab.analysis.compare_report import MARKER, write_compare_report
-from moe_lab.analysis.tracker_report import log_report_run_if_wandb
+from moe_lab.run.trackers import log_report_run_if_wandb
 
 _PREFIX = "[moe_lab compare]"
 

@@ -17,11 +17,14 @@ from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from moe_lab.run.task import RunStopped
 from moe_lab.utils.io import atomic_write, signals_deferred
 
 
-class DivergedError(RuntimeError):
-    """The training loss became NaN or infinite."""
+class DivergedError(RunStopped, RuntimeError):
+    """The training loss became NaN or infinite: the run ends ``diverged``, at that epoch/step."""
+
+    status = "diverged"
 
     def __init__(self, epoch: int, step: int, value: float) -> None:
         super().__init__(
@@ -30,6 +33,9 @@ class DivergedError(RuntimeError):
             "float32 precision"
         )
         self.epoch, self.step, self.value = epoch, step, value
+
+    def record(self, summary: Any) -> None:
+        summary.diverged_at = {"epoch": self.epoch, "step": self.step}
 
 
 class DivergenceMonitor(L.Callback):

@@ -11,6 +11,7 @@ from .complexity import count_flops, count_params
 from .convnet import ConvNet
 from .matching import MATCH_KINDS, WidthMatch, WidthMatchError, match_width
 from .topology import BlockSpec, TopologySpec, parse_topology, scale_width, trace_spatial_sizes
+from .variant import routing_variant
 
 __all__ = [
     "BUILD_KINDS",
@@ -27,6 +28,7 @@ __all__ = [
     "count_params",
     "match_width",
     "parse_topology",
+    "routing_variant",
     "scale_width",
     "trace_spatial_sizes",
 ]

@@ -15,10 +15,14 @@ reaches the writer, the readers and the report's contract check together.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from moe_lab.utils.io import atomic_write_json
 
 #: Statuses a finished run writes; ``running`` is on disk only while a run is alive (or was
 #: SIGKILLed, which nothing can record).
@@ -30,6 +34,33 @@ STAGES: tuple[str, ...] = ("tune", "final")
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
+#: The traceback of a failed run.
+ERROR_LOG = "error.log"
+#: Lightning's checkpoints of a run (``conf/callbacks`` puts them here): ``last.ckpt`` is where a
+#: resume continues from, ``best.ckpt`` what the test scores.
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+#: Hydra's record of a run: the composed config and the command line's overrides.
+HYDRA_DIR = ".hydra"
+HYDRA_CONFIG = "config.yaml"
+HYDRA_OVERRIDES = "overrides.yaml"
+
+
+def summary_path(run_dir: Path) -> Path:
+    return Path(run_dir) / SUMMARY_FILE
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """Where a run's resume point is (whether or not it exists)."""
+    return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+
+def hydra_config_path(run_dir: Path) -> Path:
+    return Path(run_dir) / HYDRA_DIR / HYDRA_CONFIG
+
+
+def hydra_overrides_path(run_dir: Path) -> Path:
+    return Path(run_dir) / HYDRA_DIR / HYDRA_OVERRIDES
 
 
 def _field(default: Any = None, *, doc: str, kind: str, required: bool = False, **kw: Any) -> Any:
@@ -156,6 +187,29 @@ def validate_summary(summary: Any) -> list[str]:
     return problems
 
 
+def read_summary_data(run_dir: Path) -> dict[str, Any] | None:
+    """The parsed ``summary.json`` of a run dir as it stands (None when absent, unreadable or
+    not a JSON object); :func:`validate_summary` says whether it keeps the contract."""
+    try:
+        data = json.loads(summary_path(run_dir).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_summary(run_dir: Path) -> RunSummary | None:
+    """The run's :class:`RunSummary`; None when there is none or it breaks the contract."""
+    data = read_summary_data(run_dir)
+    if data is None or validate_summary(data):
+        return None
+    return RunSummary.from_dict(data)
+
+
+def write_summary(run_dir: Path, summary: RunSummary) -> Path:
+    """Write ``summary.json`` atomically (a crash never leaves half a record)."""
+    return atomic_write_json(summary_path(run_dir), summary.to_dict())
+
+
 @dataclass
 class MetricsRow:
     """One epoch of ``metrics.csv``; MoE models append :func:`gate_column` columns after these."""
@@ -213,11 +267,17 @@ class EvalRecord:
 
 __all__ = [
     "ACCURACY_FIELDS",
+    "CHECKPOINT_DIR",
+    "ERROR_LOG",
     "EVAL_FILE",
     "FIELD_DOCS",
     "FIELD_KINDS",
     "FINAL_STATUSES",
     "GATE_COLUMN",
+    "HYDRA_CONFIG",
+    "HYDRA_DIR",
+    "HYDRA_OVERRIDES",
+    "LAST_CHECKPOINT",
     "METRICS_COLUMNS",
     "METRICS_FILE",
     "NUMERIC_FIELDS",
@@ -230,5 +290,12 @@ __all__ = [
     "MetricsRow",
     "RunSummary",
     "gate_column",
+    "hydra_config_path",
+    "hydra_overrides_path",
+    "last_checkpoint",
+    "read_summary",
+    "read_summary_data",
+    "summary_path",
     "validate_summary",
+    "write_summary",
 ]

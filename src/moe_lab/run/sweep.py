@@ -234,6 +234,26 @@ def read_plan(sweep_dir: str | Path) -> SweepPlan | None:
     return plan
 
 
+def varying_keys(sweep_dir: Path | None) -> set[str] | None:
+    """The override keys that take several values in the sweep (from its ``multirun.yaml``: the
+    config's sweeper params first, then the command line's overrides, key by key); None outside a
+    sweep or when the sweep's record cannot be read."""
+    if sweep_dir is None:
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    try:
+        recorded = OmegaConf.load(sweep_dir / MULTIRUN_FILE).hydra
+        overrides = [f"{k}={v}" for k, v in (recorded.sweeper.get("params") or {}).items()]
+        overrides += list(recorded.overrides.task)
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # no readable record of the sweep: the caller treats it as a single run
+        return None
+    last = {o.key_or_group: o for o in parsed}
+    return {key for key, o in last.items() if o.is_sweep_override()}
+
+
 __all__ = [
     "MULTIRUN_FILE",
     "NOT_IDENTIFYING_KEYS",
@@ -245,4 +265,5 @@ __all__ = [
     "override_key",
     "parse_overrides",
     "read_plan",
+    "varying_keys",
 ]
