@@ -18,7 +18,7 @@ import torch
 
 from conftest import REPO_ROOT, run_module
 from moe_lab.bench import layers, main, parse_args, training
-from moe_lab.bench.cli import Context
+from moe_lab.bench.context import Context
 from moe_lab.bench.measure import interleave
 from moe_lab.bench.report import Row, render_markdown
 from moe_lab.layers import Conv1dMoE, Conv2dMoE

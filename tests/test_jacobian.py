@@ -1,5 +1,6 @@
 """The Jacobian-spectrum experiment (``python -m moe_lab.jacobian``, computed in
-:mod:`moe_lab.analysis.jacobian`), its record ``jacobian.json`` and its spectrum statistics.
+:mod:`moe_lab.experiments.jacobian`), its record ``jacobian.json``
+(:mod:`moe_lab.run.jacobian_record`) and its spectrum statistics.
 
 The reference throughout is independent of the code under test: NumPy SVDs of Jacobians built by
 central finite differences, in float64, of a forward pass written here from the models' weights.
@@ -21,21 +22,22 @@ import pytest
 import torch
 
 from moe_lab.analysis import find_run_dirs, load_runs
-from moe_lab.analysis.jacobian import (
-    JacobianRecord,
-    JacobianSettings,
-    ModelEntry,
-    SpectrumStats,
-    build_models,
-    run_experiment,
-    sample_inputs,
-)
 from moe_lab.analysis.spectrum import (
     condition_number,
     effective_rank,
     mean_spectrum,
     numerical_rank,
 )
+from moe_lab.experiments.jacobian import (
+    JacobianSettings,
+    ModelEntry,
+    build_models,
+    read_record,
+    record_from_dict,
+    run_experiment,
+    sample_inputs,
+)
+from moe_lab.run.jacobian_record import SpectrumStats
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -204,7 +206,7 @@ def test_app_writes_the_three_files(small_run: Path) -> None:
 
 
 def test_record_reads_back_into_its_types(small_run: Path) -> None:
-    record = JacobianRecord.read(small_run)
+    record = read_record(small_run)
     raw = json.loads((small_run / "jacobian.json").read_text())
     assert record.settings == JacobianSettings(**{**SMALL, "n_experts": SMALL["n_experts"]})
     assert set(record.models) == set(raw["models"])
@@ -215,10 +217,32 @@ def test_record_reads_back_into_its_types(small_run: Path) -> None:
     # every statistic is defined in the file, from the one definition
     assert set(raw["definitions"]) == set(SpectrumStats.__dataclass_fields__)
     with pytest.raises(ValueError, match="not a Jacobian record"):
-        JacobianRecord.from_dict({**raw, "experiment": "mnist1d"})
+        record_from_dict({**raw, "experiment": "mnist1d"})
     broken = {**raw, "models": {"moe_K1": {"model": "moe"}}}
     with pytest.raises(ValueError, match="moe_K1"):
-        JacobianRecord.from_dict(broken)
+        record_from_dict(broken)
+
+
+def test_run_dir_reads_without_torch_or_the_layers(small_run: Path) -> None:
+    # moe_lab.run and moe_lab.analysis sit below the experiment: reading a Jacobian run dir's
+    # record needs neither torch nor moe_lab.layers, and no analysis module imports the layers
+    code = (
+        "import json, sys, pkgutil, importlib\n"
+        "from moe_lab.run.jacobian_record import JacobianRecord\n"
+        f"record = JacobianRecord.read({str(small_run)!r}, dict)\n"
+        "torch_loaded = 'torch' in sys.modules\n"
+        "import moe_lab.analysis\n"
+        "for m in pkgutil.iter_modules(moe_lab.analysis.__path__):\n"
+        "    importlib.import_module('moe_lab.analysis.' + m.name)\n"
+        "layers = [m for m in sys.modules if m.startswith('moe_lab.layers')]\n"
+        "print(json.dumps([record.settings['width'], sorted(record.models), torch_loaded, layers]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    width, models, torch_loaded, layers = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert width == SMALL["width"] and "dense_relu" in models
+    assert not torch_loaded and layers == []
 
 
 def test_sweep_reader_does_not_take_a_jacobian_run_for_a_training_run(small_run: Path) -> None:

@@ -20,8 +20,8 @@ import pytest
 
 from conftest import REPO_ROOT, cli_env
 from moe_lab import config
-from moe_lab.analysis.jacobian import JacobianRecord
 from moe_lab.config import CONFIG_DIR_ENV, config_dir_problem
+from moe_lab.experiments.jacobian import read_record
 
 # Top-level entries of the checkout that a build never needs (outputs, caches, other tools').
 _NOT_COPIED = {
@@ -195,7 +195,7 @@ def test_installed_commands_train_report_and_run_the_jacobian(installed: dict[st
         f"hydra.run.dir={cwd / 'jacobian_run'}",
     )
     assert jac.returncode == 0, jac.stderr[-3000:]
-    record = JacobianRecord.read(cwd / "jacobian_run")
+    record = read_record(cwd / "jacobian_run")
     assert sorted(record.models) == ["dense_relu", "moe_K1", "moe_K2"]
     assert record.settings.width == 4
 

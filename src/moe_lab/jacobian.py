@@ -3,9 +3,9 @@
     python -m moe_lab.jacobian                                   # the original's setting
     python -m moe_lab.jacobian n_experts=[1,20] n_inputs=50 width=64 expert_activation=tanh seed=1
 
-The settings are ``conf/jacobian.yaml``; the computation, the record and the files are
-:mod:`moe_lab.analysis.jacobian`. Writes ``spectra.csv``, ``spectra.png`` and ``jacobian.json`` in
-the Hydra run dir and prints the table.
+The settings are ``conf/jacobian.yaml``; the computation is :mod:`moe_lab.experiments.jacobian`,
+the run dir's files and record :mod:`moe_lab.run.jacobian_record`. Writes the spectra table, the
+figure and the record in the Hydra run dir and prints the table.
 """
 
 from __future__ import annotations
@@ -17,8 +17,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from moe_lab.analysis.jacobian import JacobianSettings, format_table, run_experiment, write_outputs
 from moe_lab.config import CONFIG_DIR, require_config_dir
+from moe_lab.experiments.jacobian import (
+    JacobianSettings,
+    format_table,
+    run_experiment,
+    write_outputs,
+)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="jacobian", version_base="1.3")

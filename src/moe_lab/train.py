@@ -40,7 +40,7 @@ from moe_lab.lit.loggers import log_final_record
 from moe_lab.models import routing_variant
 from moe_lab.run import trackers
 from moe_lab.run.context import group_choice, hydra_overrides, is_main_process, is_multirun
-from moe_lab.run.environment import environment_facts
+from moe_lab.run.environment import run_environment
 from moe_lab.run.record import METRICS_FILE, RunSummary, summary_path
 from moe_lab.run.signals import RunInterrupted, SweepSignals, in_sweep_launcher, received_signal
 from moe_lab.run.task import (
@@ -165,7 +165,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary.data = parts.datamodule.name
         for key in _RECORDED_FACTS:
             setattr(summary, key, getattr(parts.facts, key))
-        for key, value in environment_facts(parts.trainer.strategy.root_device).items():
+        for key, value in run_environment(parts.trainer.strategy.root_device).to_dict().items():
             setattr(summary, key, value)
         parts.module.metrics_path = run_dir / METRICS_FILE
         trackers.log_hyperparams(parts.loggers, cfg, summary)

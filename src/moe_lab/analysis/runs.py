@@ -48,6 +48,7 @@ from moe_lab.run.record import (
     validate_summary,
 )
 
+from moe_lab.run.jacobian_record import RECORD_FILE as JACOBIAN_RECORD_FILE
 from moe_lab.run.sweep import SweepPlan, override_identity, parse_overrides, read_plan
 
 #: Statuses that keep a job out of the averages and make the report exit non-zero.
@@ -77,8 +78,8 @@ _UNSET = "(default)"
 # start, so a job killed before its first epoch is still found).
 _RUN_MARKERS = frozenset((SUMMARY_FILE, METRICS_FILE, ".hydra", "checkpoints"))
 _NOT_JOBS = frozenset(("wandb", "checkpoints"))
-# moe_lab.analysis.jacobian.RECORD_FILE, spelled out: that module needs torch
-_JACOBIAN_RECORD = "jacobian.json"
+# a Jacobian-experiment run dir (it has .hydra/ and a log, but trained nothing)
+_JACOBIAN_RECORD = JACOBIAN_RECORD_FILE
 # metrics.csv columns a completed run must have for its curve
 _CURVE_COLUMNS = ("epoch", "val_acc")
 

@@ -1,4 +1,4 @@
-"""``python -m moe_lab.bench``: the command line, the run's context and the section runner."""
+"""``python -m moe_lab.bench``: the command line and the section runner."""
 
 from __future__ import annotations
 
@@ -9,20 +9,15 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .measure import (
-    Clock,
-    copy_bandwidth,
-    environment,
-    gemm_rate,
-    load_average,
-    pin_allocator,
-)
+from moe_lab.run.environment import machine_environment
+
+from .context import Context
+from .measure import copy_bandwidth, gemm_rate, load_average, pin_allocator
 from .report import Row, render_markdown, write_outputs
 
 SECTIONS = {
@@ -32,33 +27,6 @@ SECTIONS = {
     "lightning": "Trainer.fit against a plain PyTorch loop (the mnist1d step, composed config)",
     "original": "the original's CIFAR-10 protocol: measured steps, projected run time",
 }
-
-
-@dataclass
-class Context:
-    """What every section gets: device and clock, repeat counts, this machine's measured copy
-    bandwidth (B/s) and GEMM rate (FLOP/s), config overrides for the training sections, and a
-    scratch dir (deleted at the end)."""
-
-    device: torch.device
-    quick: bool
-    repeats: int
-    overrides: list[str]
-    scratch: Path
-    bandwidth: float = 0.0
-    gemm: float = 0.0
-    clock: Clock = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.clock = Clock(self.device)
-
-    @property
-    def warmup(self) -> int:
-        return 3 if self.device.type == "cuda" else 1
-
-    @property
-    def min_sample_s(self) -> float:
-        return 0.01 if self.quick else 0.05
 
 
 def _runners() -> dict[str, Callable[[Context], Iterable[Row]]]:
@@ -107,7 +75,7 @@ def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[Row]]:
     report: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "environment": environment(device),
+        "environment": machine_environment(device),
         "allocator": allocator,
         "load_average_start": load_average(),
         "errors": [],

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from moe_lab.config import compose_config
 from moe_lab.layers import Conv1dMoE, Conv2dMoE, Conv3dMoE, DenseMoE, MoEBase, dispatch
 
-from .cli import Context
+from .context import Context
 from .measure import time_calls
 from .peers import LoopMoE, NaiveOriginalConvMoE, TimmCondConv, tie_filter_gates
 from .report import Row

@@ -15,7 +15,6 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 
@@ -138,28 +137,3 @@ def load_average() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Hardware and software the numbers were measured on."""
-    import lightning
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
-            )
-    except OSError:
-        pass
-    return {
-        "device": str(device),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "lightning": lightning.__version__,
-        "python": platform.python_version(),
-    }

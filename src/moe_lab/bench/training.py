@@ -32,7 +32,7 @@ from moe_lab.assembly import assemble_run
 from moe_lab.config import compose_config
 from moe_lab.data.vision import CIFAR10DataModule
 
-from .cli import Context
+from .context import Context
 from .measure import Clock, interleave
 from .report import Check, Row
 
