@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from moe_lab.run.sweep import PlannedJob, SweepPlan, override_identity, read_plan
 from moe_lab.analysis.runs import load_runs
 from moe_lab.report import rebuild, usage_error
+from moe_lab.run.sweep import PlannedJob, SweepPlan, override_identity, read_plan
 
 #: statuses a rerun can change; ``diverged`` is a result (see the module docstring)
 _RERUN = ("failed", "interrupted", "partial", "missing", "invalid")

@@ -14,8 +14,8 @@ Hydra callback lives in
 """
 
 from moe_lab.run.record import REQUIRED_FIELDS, validate_summary
-
 from moe_lab.run.sweep import SweepPlan, read_plan
+
 from .plots import plot_curves, plot_expert_usage, save_figure
 from .runs import (
     NOT_COMPLETED_STATUSES,

@@ -25,9 +25,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from moe_lab.run.trackers import log_report_run_if_wandb
+
 from .runs import load_runs
 from .sweep_report import incomplete_jobs, write_report
-from moe_lab.run.trackers import log_report_run_if_wandb
 
 _PREFIX = "[moe_lab sweep report]"
 

@@ -1,4 +1,6 @@
-"""Figures: a sweep's validation-accuracy curves (the original's figure's form) and expert usage.
+"""Figures: a sweep's validation-accuracy curves (the original's figure's form) and expert usage;
+a comparison's expected validation performance and tuning trace. :func:`render_figure` is the one
+way every report turns a figure into file bytes.
 
 Figures are built as :class:`matplotlib.figure.Figure` on the Agg canvas, without pyplot, so
 importing this module never changes the global backend (a notebook keeps its inline backend and
@@ -24,6 +26,9 @@ from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
 from moe_lab.utils.io import atomic_write
+
+from .comparison import FAILED_TRIAL_SCORE, trial_scores
+from .evp import expected_max_curve
 
 
 def _new_figure(n_rows: int, n_cols: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
@@ -284,4 +289,91 @@ def plot_expert_usage(
             )
     if path is not None:
         save_figure(figure, path)
+    return figure
+
+
+# -- a comparison's figures ---------------------------------------------------------------
+
+
+def _colors(arms: list[str]) -> dict[str, str]:
+    return {arm: f"C{i % 10}" for i, arm in enumerate(arms)}
+
+
+def plot_evp(
+    trials: pd.DataFrame, arms: list[str], labels: dict[str, str], title: str | None = None
+) -> Figure:
+    """Expected best validation accuracy after n = 1..N trials per arm, ± one standard deviation
+    of that maximum (Dodge et al. 2019)."""
+    figure, axes = _new_figure(1, 1, 6.5, 4.5)
+    axis = axes[0, 0]
+    colors = _colors(arms)
+    drawn = False
+    for arm in arms:
+        scores = trial_scores(trials, arm)
+        if scores.size == 0:
+            continue
+        curve = expected_max_curve(scores)
+        n, mean, std = (
+            curve["n"].to_numpy(),
+            100 * curve["mean"].to_numpy(),
+            100 * curve["std"].to_numpy(),
+        )
+        axis.plot(
+            n,
+            mean,
+            marker="o",
+            markersize=3,
+            color=colors[arm],
+            label=f"{labels[arm]} (N={scores.size})",
+        )
+        # ± one std of the maximum, cut to the accuracies that can exist
+        low, high = np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100)
+        axis.fill_between(n, low, high, color=colors[arm], alpha=0.2, linewidth=0)
+        drawn = True
+    if not drawn:
+        axis.text(0.5, 0.5, "no finished trial", ha="center", va="center", transform=axis.transAxes)
+    axis.set_xlabel("tuning trials n")
+    axis.set_ylabel("expected best validation accuracy (%)")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.grid(True, alpha=0.3)
+    if drawn:
+        axis.legend(loc="lower right", fontsize="small")
+    figure.suptitle(title or "Expected validation performance (± 1 std)", fontsize="medium")
+    return figure
+
+
+def plot_trace(
+    trials: pd.DataFrame, arms: list[str], labels: dict[str, str], title: str | None = None
+) -> Figure:
+    """Every trial's best validation accuracy (failed trials as × at the bottom) and the best so
+    far, per arm, in trial order."""
+    figure, axes = _new_figure(1, 1, 6.5, 4.5)
+    axis = axes[0, 0]
+    colors = _colors(arms)
+    for arm in arms:
+        mine = (
+            trials[(trials["arm"] == arm) & trials["state"].isin(["COMPLETE", "FAIL"])]
+            if len(trials)
+            else trials
+        )
+        if mine.empty:
+            continue
+        mine = mine.sort_values("trial")
+        x = mine["trial"].to_numpy() + 1
+        complete = (mine["state"] == "COMPLETE").to_numpy()
+        values = pd.to_numeric(mine["value"], errors="coerce").to_numpy(dtype=float)
+        axis.scatter(x[complete], 100 * values[complete], s=14, color=colors[arm], alpha=0.6)
+        if (~complete).any():
+            axis.scatter(x[~complete], np.zeros((~complete).sum()), marker="x", color=colors[arm])
+        best = np.maximum.accumulate(np.where(complete, values, FAILED_TRIAL_SCORE))
+        axis.step(x, 100 * best, where="post", color=colors[arm], label=labels[arm])
+    axis.set_xlabel("trial")
+    axis.set_ylabel("best validation accuracy (%)")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.grid(True, alpha=0.3)
+    if len(trials):
+        axis.legend(loc="lower right", fontsize="small")
+    figure.suptitle(
+        title or "Tuning trace: each trial (dots) and the best so far (line)", fontsize="medium"
+    )
     return figure

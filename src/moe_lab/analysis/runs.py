@@ -37,6 +37,7 @@ from typing import Any
 
 import pandas as pd
 
+from moe_lab.run.jacobian_record import RECORD_FILE as JACOBIAN_RECORD_FILE
 from moe_lab.run.record import (
     ACCURACY_FIELDS,
     FINAL_STATUSES,
@@ -47,8 +48,6 @@ from moe_lab.run.record import (
     SUMMARY_FILE,
     validate_summary,
 )
-
-from moe_lab.run.jacobian_record import RECORD_FILE as JACOBIAN_RECORD_FILE
 from moe_lab.run.sweep import SweepPlan, override_identity, parse_overrides, read_plan
 
 #: Statuses that keep a job out of the averages and make the report exit non-zero.

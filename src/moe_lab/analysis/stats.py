@@ -48,6 +48,18 @@ def standard_error(values: Any) -> float:
     return float(stats.sem(array, ddof=1))
 
 
+def describe(values: Any) -> tuple[float, float, int]:
+    """``(mean, SE, n)`` of the non-missing ``values``: the one description every report gives
+    (mean NaN when n = 0, SE NaN when n < 2)."""
+    array = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").dropna()
+    mean = float(array.mean()) if len(array) else math.nan
+    return mean, standard_error(array), len(array)
+
+
+#: The columns :func:`welch_test` fills (besides ``note``), in every report's table.
+TEST_COLUMNS: tuple[str, ...] = ("diff", "ci_low", "ci_high", "t", "df", "p_value", "hedges_g")
+
+
 def hedges_g(a: Any, b: Any) -> float:
     """Hedges' g of sample ``a`` against sample ``b`` (formula in the module docstring).
 
@@ -77,9 +89,7 @@ def welch_test(a: Any, b: Any, confidence: float = 0.95) -> dict[str, Any]:
     """
     a = pd.Series(a, dtype=float).dropna().to_numpy()
     b = pd.Series(b, dtype=float).dropna().to_numpy()
-    result: dict[str, Any] = dict.fromkeys(
-        ("diff", "ci_low", "ci_high", "t", "df", "p_value", "hedges_g"), math.nan
-    )
+    result: dict[str, Any] = dict.fromkeys(TEST_COLUMNS, math.nan)
     result["note"] = ""
     if a.size == 0 or b.size == 0:
         result["note"] = "no value to compare"
@@ -195,19 +205,7 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
 
 
 # The columns :func:`summarize` fills by testing each group against its baseline.
-_COMPARISON_COLUMNS = [
-    "is_baseline",
-    "baseline_group",
-    "metric",
-    "diff",
-    "ci_low",
-    "ci_high",
-    "t",
-    "df",
-    "p_value",
-    "hedges_g",
-    "note",
-]
+_COMPARISON_COLUMNS = ["is_baseline", "baseline_group", "metric", *TEST_COLUMNS, "note"]
 
 
 def _group_row(keys: list[str], key: tuple, group_runs: pd.DataFrame) -> dict[str, Any]:
@@ -222,10 +220,7 @@ def _group_row(keys: list[str], key: tuple, group_runs: pd.DataFrame) -> dict[st
     row["n_not_completed"] = len(group_runs) - len(completed)
     row["seeds"] = " ".join(str(int(s)) for s in sorted(completed["seed"].dropna()))
     for metric in _SUMMARY_METRICS:
-        values = completed[metric].dropna()
-        row[f"{metric}_mean"] = float(values.mean()) if len(values) else math.nan
-        row[f"{metric}_se"] = standard_error(values)
-        row[f"{metric}_n"] = len(values)
+        row[f"{metric}_mean"], row[f"{metric}_se"], row[f"{metric}_n"] = describe(completed[metric])
     row["params"] = _single_value(completed["params"])
     row["flops_per_example"] = _single_value(completed["flops_per_example"])
     row["max_epochs"] = _single_value(completed["max_epochs"])

@@ -10,78 +10,23 @@ a mix (and an error before that, e.g. an unknown baseline, touches nothing).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
+from moe_lab.run.report_files import SWEEP_REPORT_FILES
 from moe_lab.run.sweep import SweepPlan
+from moe_lab.utils.io import replace_together
+
+from .format import DASH, cell, fmt_float, fmt_int, fmt_p, fmt_pct, missing, table
 from .plots import figure_caption, plot_curves, render_figure
 from .runs import NOT_COMPLETED_STATUSES, STATUSES, SUPERSEDED, load_curves, load_runs, sweep_plans
 from .stats import DEFAULT_BASELINES, METRIC_NAMES, summarize
 
-#: File names the report writes in the sweep dir.
-REPORT_FILES: dict[str, str] = {
-    "summary_csv": "summary.csv",
-    "report_md": "report.md",
-    "curves_png": "curves.png",
-    "curves_svg": "curves.svg",
-}
-_DASH = "–"  # shown for undefined values (e.g. SE with n = 1)
+#: File names the report writes in the sweep dir (named in :mod:`moe_lab.run.report_files`).
+REPORT_FILES = SWEEP_REPORT_FILES
 _STATUS_ORDER = STATUSES
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or bool(pd.isna(value))
-
-
-def fmt_pct(mean: Any, se: Any) -> str:
-    """``"73.12 ± 0.41"``: a fraction's mean and SE in percent, 2 decimals; "–" when undefined."""
-    if _missing(mean):
-        return _DASH
-    return f"{100 * mean:.2f} ± {_DASH if _missing(se) else f'{100 * se:.2f}'}"
-
-
-def fmt_int(value: Any) -> str:
-    """``"1,250,858"``; "–" when missing."""
-    return _DASH if _missing(value) else f"{round(float(value)):,}"
-
-
-def fmt_float(value: Any, digits: int) -> str:
-    """Fixed-point with ``digits`` decimals; "–" when missing."""
-    return _DASH if _missing(value) else f"{float(value):.{digits}f}"
-
-
-def fmt_p(value: Any) -> str:
-    """A p-value with 3 significant digits (``"0.0312"``, ``"4.2e-06"``); "–" when undefined."""
-    return _DASH if _missing(value) else f"{float(value):.3g}"
-
-
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def _cell(value: Any, limit: int = 300) -> str:
-    """One markdown table cell: one line, no terminal colour codes, ``|`` escaped, capped."""
-    text = _DASH if _missing(value) or value == "" else str(value)
-    text = " ".join(_ANSI_ESCAPE.sub("", text).split()).replace("|", "\\|")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _table(
-    header: list[str], rows: list[list[str]], right_from: int = 1, left_from: int | None = None
-) -> str:
-    """A markdown table; columns ``right_from`` .. ``left_from - 1`` are right-aligned (numbers)."""
-    left_from = len(header) if left_from is None else left_from
-    align = ["---:" if right_from <= i < left_from else "---" for i in range(len(header))]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _status_counts(runs: pd.DataFrame) -> str:
@@ -105,12 +50,12 @@ def _group_table(data_summary: pd.DataFrame) -> str:
     ]
     rows = []
     for _, row in data_summary.iterrows():
-        cells = [_cell(row["group"]), str(int(row["n"])), str(int(row["n_not_completed"]))]
+        cells = [cell(row["group"]), str(int(row["n"])), str(int(row["n_not_completed"]))]
         for metric in ("val_acc_best", "val_acc_last", "test_acc"):
-            cell = fmt_pct(row[f"{metric}_mean"], row[f"{metric}_se"])
+            text = fmt_pct(row[f"{metric}_mean"], row[f"{metric}_se"])
             if row[f"{metric}_n"] != row["n"] and row[f"{metric}_n"] > 0:
-                cell += f" (n={int(row[f'{metric}_n'])})"
-            cells.append(cell)
+                text += f" (n={int(row[f'{metric}_n'])})"
+            cells.append(text)
         cells += [
             fmt_int(row["params"]),
             fmt_int(row["flops_per_example"]),
@@ -118,7 +63,7 @@ def _group_table(data_summary: pd.DataFrame) -> str:
             fmt_float(row["wall_time_s_mean"], 1),
         ]
         rows.append(cells)
-    return _table(header, rows)
+    return table(header, rows, right=range(1, len(header)))
 
 
 def _test_section(data_summary: pd.DataFrame, metric: str) -> str:
@@ -157,31 +102,31 @@ def _test_section(data_summary: pd.DataFrame, metric: str) -> str:
         n_base = (
             str(int(by_group.loc[base, "n"]))
             if isinstance(base, str) and base in by_group.index
-            else _DASH
+            else DASH
         )
         ci = (
-            _DASH
-            if _missing(row["ci_low"])
+            DASH
+            if missing(row["ci_low"])
             else f"[{100 * row['ci_low']:.2f}, {100 * row['ci_high']:.2f}]"
         )
         rows.append(
             [
-                _cell(row["group"]),
-                _cell(base),
+                cell(row["group"]),
+                cell(base),
                 str(int(row["n"])),
                 n_base,
-                fmt_float(100 * row["diff"] if not _missing(row["diff"]) else math.nan, 2),
+                fmt_float(100 * row["diff"] if not missing(row["diff"]) else math.nan, 2),
                 ci,
                 fmt_float(row["t"], 3),
                 fmt_float(row["df"], 2),
                 fmt_p(row["p_value"]),
                 fmt_float(row["hedges_g"], 2),
-                _cell(row["note"]),
+                cell(row["note"]),
             ]
         )
     if not rows:
         return "\n".join([*lines, "Only the baseline group is present: nothing to compare.", ""])
-    return "\n".join([*lines, _table(header, rows, right_from=2, left_from=len(header) - 1), ""])
+    return "\n".join([*lines, table(header, rows, right=range(2, len(header) - 1)), ""])
 
 
 def incomplete_jobs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -203,17 +148,17 @@ def _not_completed_section(runs: pd.DataFrame) -> str:
     header = ["run", "data", "group", "seed", "status", "epochs", "detail"]
     rows = [
         [
-            _cell(r["run_name"]),
-            _cell(r["data"]),
-            _cell(r["group"] if r["group"] != "?" else None),
+            cell(r["run_name"]),
+            cell(r["data"]),
+            cell(r["group"] if r["group"] != "?" else None),
             fmt_int(r["seed"]),
             r["status"],
             fmt_int(r["epochs"]),
-            _cell(r["detail"]),
+            cell(r["detail"]),
         ]
         for _, r in bad.iterrows()
     ]
-    return "\n".join([*lines, _table(header, rows, right_from=len(header)), ""])
+    return "\n".join([*lines, table(header, rows), ""])
 
 
 def _superseded_section(runs: pd.DataFrame) -> str:
@@ -230,15 +175,15 @@ def _superseded_section(runs: pd.DataFrame) -> str:
     header = ["run", "group", "seed", "counted instead", "detail"]
     rows = [
         [
-            _cell(r["run_name"]),
-            _cell(r["group"]),
+            cell(r["run_name"]),
+            cell(r["group"]),
             fmt_int(r["seed"]),
-            _cell(r["superseded_by"]),
-            _cell(r["detail"]),
+            cell(r["superseded_by"]),
+            cell(r["detail"]),
         ]
         for _, r in old.iterrows()
     ]
-    return "\n".join([*lines, _table(header, rows, right_from=len(header)), ""])
+    return "\n".join([*lines, table(header, rows), ""])
 
 
 def _jobs_lines(runs: pd.DataFrame, sweep: Path, plans: list[SweepPlan]) -> list[str]:
@@ -355,62 +300,6 @@ def render_report(
         "",
     ]
     return "\n".join(lines)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def replace_together(files: dict[Path, bytes]) -> None:
-    """Write every ``path: bytes`` of ``files`` so that the set changes at once or not at all.
-
-    All files go to temporary files beside their targets first (a full disk or a crash fails
-    here, before any target changes); the old targets are kept as hard links (copies where links
-    are not possible); then each temporary file is renamed over its target, and a failed rename
-    puts back the targets already renamed. Temporary files never stay behind.
-    """
-    umask = _current_umask()
-    staged: dict[Path, Path] = {}
-    backups: dict[Path, Path] = {}
-    try:
-        for path, data in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            staged[path] = Path(tmp)
-            os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        for path in files:
-            if not path.exists():
-                continue
-            fd, bak = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".old.tmp", dir=path.parent)
-            os.close(fd)
-            backups[path] = Path(bak)
-            try:
-                os.unlink(bak)
-                os.link(path, bak)
-            except OSError:
-                shutil.copy2(path, bak)
-        renamed: list[Path] = []
-        try:
-            for path, tmp in staged.items():
-                os.replace(tmp, path)
-                renamed.append(path)
-        except BaseException:
-            for path in reversed(renamed):
-                if path in backups:
-                    os.replace(backups.pop(path), path)
-                else:
-                    path.unlink(missing_ok=True)
-            raise
-    finally:
-        for leftover in (*staged.values(), *backups.values()):
-            with contextlib.suppress(OSError):
-                leftover.unlink(missing_ok=True)
 
 
 def write_report(

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -142,6 +143,66 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def json_text(data: Any) -> str:
+    """``data`` as the JSON text every moe_lab record is written as (indented, no NaN)."""
+    return json.dumps(_json_safe(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    text = json.dumps(_json_safe(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
-    return atomic_write_text(path, text)
+    return atomic_write_text(path, json_text(data))
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def replace_together(files: dict[Path, bytes]) -> None:
+    """Write every ``path: bytes`` of ``files`` so that the set changes at once or not at all.
+
+    All files go to temporary files beside their targets first (a full disk or a crash fails
+    here, before any target changes); the old targets are kept as hard links (copies where links
+    are not possible); then each temporary file is renamed over its target, and a failed rename
+    puts back the targets already renamed. Temporary files never stay behind.
+    """
+    umask = _current_umask()
+    staged: dict[Path, Path] = {}
+    backups: dict[Path, Path] = {}
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            staged[path] = Path(tmp)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for path in files:
+            if not path.exists():
+                continue
+            fd, bak = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".old.tmp", dir=path.parent)
+            os.close(fd)
+            backups[path] = Path(bak)
+            try:
+                os.unlink(bak)
+                os.link(path, bak)
+            except OSError:
+                shutil.copy2(path, bak)
+        renamed: list[Path] = []
+        try:
+            for path, tmp in staged.items():
+                os.replace(tmp, path)
+                renamed.append(path)
+        except BaseException:
+            for path in reversed(renamed):
+                if path in backups:
+                    os.replace(backups.pop(path), path)
+                else:
+                    path.unlink(missing_ok=True)
+            raise
+    finally:
+        for leftover in (*staged.values(), *backups.values()):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)

@@ -1,0 +1,266 @@
+"""A comparison dir read back, and its per-arm statistics: what the comparison report renders.
+
+Reads the comparison's record (``comparison.json``, :class:`moe_lab.run.comparison.ComparisonRecord`),
+its Optuna studies (``study.db``, one per arm) and its run dirs (``tune/<arm>/trial_<i>/``,
+``final/<arm>/seed_<s>/``, each with ``summary.json`` and ``metrics.csv``), into a
+:class:`ComparisonData`; :func:`summarize_comparison` gives a row per arm: the budget and the
+compute it used, the best trial, the expected validation performance, the final test accuracy
+mean ± SE over the fresh seeds (:func:`moe_lab.analysis.stats.describe`) and Welch's t-test
+against the baseline arm (:func:`moe_lab.analysis.stats.welch_test`), the same statistics step
+as the sweep report's.
+
+A trial that failed or diverged scores :data:`FAILED_TRIAL_SCORE` in the expected-validation-
+performance curve (a draw that yields no usable model); it never enters the final statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moe_lab.run.comparison import (
+    STUDY_DB,
+    ComparisonRecord,
+    has_study_db,
+    read_record,
+    read_sessions,
+    study_storage,
+)
+from moe_lab.run.labels import group_label
+
+from .evp import expected_max_curve
+from .runs import load_runs
+from .stats import DEFAULT_BASELINES, TEST_COLUMNS, describe, welch_test
+
+#: The score a failed or diverged trial enters the expected-validation-performance curve with.
+FAILED_TRIAL_SCORE = 0.0
+
+
+@dataclass
+class ComparisonData:
+    """Everything the comparison report reads from a comparison dir."""
+
+    dir: Path
+    record: ComparisonRecord
+    #: a row per Optuna trial (``arm, trial, state, status, value, seed, run_dir, ...``,
+    #: ``params_json`` and a ``param:<key>`` column per hyperparameter)
+    trials: pd.DataFrame
+    #: :func:`~moe_lab.analysis.runs.load_runs` of the dir, with ``stage`` and ``arm``
+    runs: pd.DataFrame
+    arms: list[str]
+    sessions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.record.settings
+
+
+def _read_trials(comparison_dir: Path, arms: list[str]) -> pd.DataFrame:
+    import optuna  # imported here: the sweep report does not need it
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if not has_study_db(comparison_dir):
+        raise ValueError(f"{comparison_dir / STUDY_DB} is missing: not a comparison dir")
+    storage = study_storage(comparison_dir)
+    known = {s.study_name for s in optuna.get_all_study_summaries(storage=storage)}
+    rows = []
+    for arm in arms:
+        if arm not in known:
+            continue
+        study = optuna.load_study(study_name=arm, storage=storage)
+        for trial in study.get_trials(deepcopy=False):
+            attrs = trial.user_attrs
+            rows.append(
+                {
+                    "arm": arm,
+                    "trial": trial.number,
+                    "state": trial.state.name,
+                    "status": attrs.get("status"),
+                    "value": trial.value,
+                    "seed": attrs.get("seed"),
+                    "run_dir": attrs.get("run_dir"),
+                    "wall_time_s": attrs.get("wall_time_s"),
+                    "epochs": attrs.get("epochs"),
+                    "error": attrs.get("error"),
+                    "params_json": json.dumps(trial.params, sort_keys=True),
+                    **{f"param:{k}": v for k, v in trial.params.items()},
+                }
+            )
+    columns = ["arm", "trial", "state", "status", "value", "seed", "run_dir", "wall_time_s"]
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=[*columns, "params_json"])
+
+
+def load_comparison(comparison_dir: str | Path) -> ComparisonData:
+    """Read a comparison dir (raises ValueError when it is none, naming what is missing)."""
+    path = Path(comparison_dir).expanduser().resolve()
+    record = read_record(path)
+    arms = list(record.settings["arms"])
+    trials = _read_trials(path, arms)
+    try:
+        runs = load_runs(path)
+    except ValueError:  # no run dir yet
+        runs = pd.DataFrame(columns=["run_name", "status", "stage", "arm", "run_dir"])
+    for column in ("stage", "arm"):
+        if column not in runs.columns:
+            runs[column] = None
+    return ComparisonData(path, record, trials, runs, arms, read_sessions(path))
+
+
+def pick_baseline(record: ComparisonRecord, arms: list[str], baseline: str | None) -> str:
+    """The baseline arm: ``baseline``, else the recorded one, else the first default present."""
+    wanted = baseline if baseline is not None else record.baseline
+    if wanted is not None:
+        if wanted not in arms:
+            raise ValueError(f"baseline {wanted!r} is not one of the arms {arms}")
+        return str(wanted)
+    return next((b for b in DEFAULT_BASELINES if b in arms), arms[0])
+
+
+def arm_label(arm: str, runs: pd.DataFrame) -> str:
+    """``"moe K=2"`` from the arm's summaries (the report's group names), else the arm name."""
+    mine = runs[(runs["arm"] == arm) & runs["status"].isin(["completed", "failed", "diverged"])]
+    if mine.empty or "model" not in mine.columns:
+        return arm
+    first = mine.iloc[0]
+    label = group_label(
+        first.get("model"), first.get("n_experts"), first.get("top_k"), first.get("routing")
+    )
+    return label if label.split(" ")[0] == arm else f"{arm} ({label})"
+
+
+def trial_scores(trials: pd.DataFrame, arm: str) -> np.ndarray:
+    """The arm's finished trials' scores in trial order: the objective of completed trials,
+    :data:`FAILED_TRIAL_SCORE` for failed ones (running trials are left out)."""
+    if not len(trials):
+        return np.array([], dtype=float)
+    mine = trials[(trials["arm"] == arm) & trials["state"].isin(["COMPLETE", "FAIL"])]
+    mine = mine.sort_values("trial")
+    return np.array(
+        [
+            float(v) if s == "COMPLETE" else FAILED_TRIAL_SCORE
+            for s, v in zip(mine["state"], mine["value"], strict=True)
+        ],
+        dtype=float,
+    )
+
+
+def _summed(runs: pd.DataFrame, column: str) -> float:
+    return float(pd.to_numeric(runs[column]).fillna(0).sum()) if len(runs) else 0.0
+
+
+def _tuning_row(data: ComparisonData, arm: str, problems: list[str]) -> dict[str, Any]:
+    """The arm's tuning: its trials, their compute, its best trial and its EVP."""
+    budget = int(data.settings["trials"])
+    trials = data.trials
+    mine = trials[trials["arm"] == arm] if len(trials) else trials
+    complete = mine[mine["state"] == "COMPLETE"]
+    n_failed = int((mine["state"] == "FAIL").sum())
+    row: dict[str, Any] = {
+        "budget_trials": budget,
+        "max_epochs": data.settings.get("max_epochs"),
+        "trials_completed": len(complete),
+        "trials_failed": n_failed,
+        "trials_running": int((mine["state"] == "RUNNING").sum()),
+    }
+    if len(complete) + n_failed < budget:
+        problems.append(
+            f"arm {arm}: {len(complete) + n_failed} of {budget} trials finished "
+            "(resume the comparison to finish them)"
+        )
+    tune_runs = data.runs[(data.runs["stage"] == "tune") & (data.runs["arm"] == arm)]
+    row["tune_wall_time_s"] = _summed(tune_runs, "wall_time_s")
+    row["tune_epochs"] = int(_summed(tune_runs, "epochs"))
+    if len(complete):
+        best = complete.sort_values(["value", "trial"], ascending=[False, True]).iloc[0]
+        row["best_trial"], row["best_val_acc"] = int(best["trial"]), float(best["value"])
+        row["best_params"] = best["params_json"]
+    else:
+        row["best_trial"], row["best_val_acc"], row["best_params"] = None, math.nan, None
+        problems.append(f"arm {arm}: no trial completed, so there is no best configuration")
+    scores = trial_scores(trials, arm)
+    row["evp_n1"] = row["evp_nN"] = row["evp_nN_std"] = math.nan
+    if scores.size:
+        curve = expected_max_curve(scores)
+        row["evp_n1"] = float(curve["mean"].iloc[0])
+        row["evp_nN"] = float(curve["mean"].iloc[-1])
+        row["evp_nN_std"] = float(curve["std"].iloc[-1])
+    return row
+
+
+def _final_row(data: ComparisonData, arm: str, has_best: bool, problems: list[str]) -> dict:
+    """The arm's final runs: how many completed, and their test accuracy mean ± SE."""
+    final_runs = data.runs[(data.runs["stage"] == "final") & (data.runs["arm"] == arm)]
+    done = final_runs[final_runs["status"] == "completed"]
+    expected_seeds = list(data.settings["final_seeds"]) if has_best else []
+    row: dict[str, Any] = {"final_n": len(done)}
+    row["final_not_completed"] = (len(final_runs) - len(done)) + max(
+        0, len(expected_seeds) - len(final_runs)
+    )
+    if row["final_not_completed"]:
+        problems.append(f"arm {arm}: {len(done)} of {len(expected_seeds)} final runs completed")
+    row["final_seeds"] = " ".join(str(int(s)) for s in sorted(done["seed"].dropna()))
+    row["test_acc_mean"], row["test_acc_se"], _ = describe(done["test_acc"])
+    mean, se, _ = describe(done["val_acc_best"])
+    row["final_val_acc_best_mean"], row["final_val_acc_best_se"] = mean, se
+    row["final_wall_time_s"] = _summed(final_runs, "wall_time_s")
+    params = pd.to_numeric(done["params"], errors="coerce").dropna().unique()
+    row["params"] = int(params[0]) if len(params) == 1 else math.nan
+    return row
+
+
+def final_test_accs(data: ComparisonData, arm: str) -> pd.Series:
+    """The test accuracies of the arm's completed final runs."""
+    finals = data.runs
+    done = finals[
+        (finals["stage"] == "final") & (finals["arm"] == arm) & (finals["status"] == "completed")
+    ]
+    return pd.to_numeric(done["test_acc"], errors="coerce").dropna()
+
+
+def summarize_comparison(
+    data: ComparisonData, baseline: str | None = None
+) -> tuple[pd.DataFrame, dict[str, dict[str, Any]], list[str]]:
+    """(summary: a row per arm, best_params: ``{arm: {key: value}}``, problems)."""
+    base = pick_baseline(data.record, data.arms, baseline)
+    problems: list[str] = []
+    rows: list[dict[str, Any]] = []
+    best_params: dict[str, dict[str, Any]] = {}
+    for arm in data.arms:
+        row: dict[str, Any] = {"arm": arm, "label": arm_label(arm, data.runs)}
+        row["is_baseline"] = arm == base
+        row.update(_tuning_row(data, arm, problems))
+        if row["best_params"] is not None:
+            best_params[arm] = json.loads(row["best_params"])
+        row.update(_final_row(data, arm, row["best_params"] is not None, problems))
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+    base_acc = final_test_accs(data, base)
+    for column in TEST_COLUMNS:
+        summary[column] = math.nan
+    summary["baseline"] = base
+    summary["note"] = ""
+    for index, row in summary.iterrows():
+        if row["arm"] == base:
+            summary.loc[index, "note"] = "baseline"
+            continue
+        for column, value in welch_test(final_test_accs(data, row["arm"]), base_acc).items():
+            summary.loc[index, column] = value
+    return summary, best_params, problems
+
+
+__all__ = [
+    "FAILED_TRIAL_SCORE",
+    "ComparisonData",
+    "arm_label",
+    "final_test_accs",
+    "load_comparison",
+    "pick_baseline",
+    "summarize_comparison",
+    "trial_scores",
+]
