@@ -1,13 +1,18 @@
-"""What the dense and convolutional MoE layers share: the original's keywords, the gate, the penalties,
-the constraints and the expert-usage statistics of the last forward."""
+"""What the dense and convolutional MoE layers share: the original's keywords (validated and
+stored in one place, :class:`MoEBase`'s ``__init__``), the gate, the weights and their penalties
+and constraints.
+
+The rest of the shared machinery lives in its own module: how the subclasses take the keywords
+(:mod:`~moe_lab.layers.keywords`), resolving the Keras-style options
+(:mod:`~moe_lab.layers.options`), the routing of the last forward and its readers
+(:mod:`~moe_lab.layers.routing_state`), the dtype and autocast policy
+(:mod:`~moe_lab.layers.precision`) and pickling (:mod:`~moe_lab.layers.pickling`).
+"""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -22,53 +27,18 @@ from .options import (
     resolve_activation,
     resolve_constraint,
     resolve_initializer,
+    resolve_per_weight,
     resolve_regularizer,
+    scalar_penalty,
 )
+from .pickling import DropsForwardState
+from .precision import gate_dtype
 from .routing import EXPERT_BACKENDS, GATE_INPUTS, RoutingRecord
+from .routing_state import RoutingState
 
+#: The weights, by the original's names, in the order of Keras' ``get_weights()``.
 PARAM_NAMES = ("expert_kernel", "gating_kernel", "expert_bias", "gating_bias")
-
-
-#: The original Keras layers' keyword names and the torch-style keyword that replaces each.
-ORIGINAL_KEYWORDS: dict[str, str] = {
-    "n_filters": "out_channels",
-    "n_experts_per_filter": "n_experts",
-    "units": "out_features",
-    "strides": "stride",
-    "dilation_rate": "dilation",
-    "input_dim": "in_features / in_channels",
-    "input_shape": "input_size (spatial only; channels are in_channels)",
-    "rank": "the class: Conv1dMoE, Conv2dMoE or Conv3dMoE",
-}
-
-_Init = TypeVar("_Init", bound=Callable[..., None])
-
-
-def rejects_original_keywords(init: _Init) -> _Init:
-    """Wrap a layer's ``__init__`` so that a keyword of the original Keras layers raises a
-    TypeError naming the torch-style keyword to use, instead of Python's bare "unexpected keyword
-    argument". ``help()`` and ``inspect.signature`` still show ``init``'s signature."""
-
-    @functools.wraps(init)
-    def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> None:
-        used = [name for name in kwargs if name in ORIGINAL_KEYWORDS]
-        if used:
-            renames = "; ".join(f"{name!r} -> {ORIGINAL_KEYWORDS[name]}" for name in used)
-            raise TypeError(
-                f"{type(self).__name__} takes torch-style keywords, not the original Keras "
-                f"layer's: {renames} (to port trained weights, see "
-                "moe_lab.layers.load_keras_weights)"
-            )
-        init(self, *args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def moe_options(scope: Mapping[str, Any]) -> dict[str, Any]:
-    """The keyword-only options of :class:`MoEBase` picked by name from ``scope`` (a subclass's
-    ``locals()``): the subclasses spell every option out in their own signatures, so that
-    ``help()`` and IDEs show them, and forward them here by name, so the lists cannot drift."""
-    return {name: scope[name] for name in _MOE_OPTION_NAMES}
+BIAS_NAMES = ("expert_bias", "gating_bias")
 
 
 def check_positive_int(value: object, argname: str) -> int:
@@ -87,10 +57,13 @@ def check_scale(value: object, argname: str) -> float:
     return scale
 
 
-class MoEBase(nn.Module):
+class MoEBase(RoutingState, DropsForwardState, nn.Module):
     """Holds the keywords of the original's layers (everything after ``n_experts``) and the machinery
     built on them. Subclasses create the two kernels, call ``_finish_init`` and implement
-    ``forward`` and ``reset_parameters``.
+    ``forward`` and ``reset_parameters``. Their ``__init__`` takes these keywords as
+    ``**options``, passed on here, and shows them in its signature
+    (:func:`~moe_lab.layers.keywords.takes_keywords_of`): this signature is the one list of them,
+    and ``__init__`` below the one place where they are validated and stored.
 
     Args:
         n_experts: experts K (per output filter for the conv layers); >= 1.
@@ -158,6 +131,8 @@ class MoEBase(nn.Module):
     gating_kernel: nn.Parameter
     expert_bias: nn.Parameter | None
     gating_bias: nn.Parameter | None
+    #: tensors of the last forward, left out when the layer is pickled or copied
+    _forward_state = ("_routing", "_activity_penalty")
 
     def __init__(
         self,
@@ -188,6 +163,8 @@ class MoEBase(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        # the Keras-style options below are resolved by keyword name (see resolve_per_weight)
+        keywords = dict(locals())
         # as nn.Linear's factory keywords: where and in which dtype the parameters are created
         self._factory: dict[str, object] = {"device": device, "dtype": dtype}
         self.n_experts = check_positive_int(n_experts, "n_experts")
@@ -231,36 +208,15 @@ class MoEBase(nn.Module):
         self.gating_kernel_initializer_scale = check_scale(
             gating_kernel_initializer_scale, "gating_kernel_initializer_scale"
         )
-        self._bias_initializers = {
-            "expert_bias": resolve_initializer(expert_bias_initializer, "expert_bias_initializer"),
-            "gating_bias": resolve_initializer(gating_bias_initializer, "gating_bias_initializer"),
-        }
-        self._regularizers = {
-            name: resolve_regularizer(spec, f"{name}_regularizer")
-            for name, spec in zip(
-                PARAM_NAMES,
-                (
-                    expert_kernel_regularizer,
-                    gating_kernel_regularizer,
-                    expert_bias_regularizer,
-                    gating_bias_regularizer,
-                ),
-                strict=True,
-            )
-        }
-        self._constraints = {
-            name: resolve_constraint(spec, f"{name}_constraint")
-            for name, spec in zip(
-                PARAM_NAMES,
-                (
-                    expert_kernel_constraint,
-                    gating_kernel_constraint,
-                    expert_bias_constraint,
-                    gating_bias_constraint,
-                ),
-                strict=True,
-            )
-        }
+        self._bias_initializers = resolve_per_weight(
+            resolve_initializer, "initializer", keywords, BIAS_NAMES
+        )
+        self._regularizers = resolve_per_weight(
+            resolve_regularizer, "regularizer", keywords, PARAM_NAMES
+        )
+        self._constraints = resolve_per_weight(
+            resolve_constraint, "constraint", keywords, PARAM_NAMES
+        )
         self._activity_regularizer = resolve_regularizer(
             activity_regularizer, "activity_regularizer"
         )
@@ -326,21 +282,6 @@ class MoEBase(nn.Module):
 
     # -- gate ----------------------------------------------------------------------------------
 
-    def _gate_dtype(self, x: Tensor) -> torch.dtype:
-        """float32, or float64 when the input or the gating kernel is float64."""
-        if torch.float64 in (x.dtype, self.gating_kernel.dtype):
-            return torch.float64
-        return torch.float32
-
-    def _mix_dtype(self, x: Tensor) -> torch.dtype:
-        """The dtype the experts compute (and their outputs are mixed) in: the autocast dtype
-        under autocast (for non-float64 weights, as autocast does), else the weights' dtype."""
-        device = x.device.type
-        dtype = self.expert_kernel.dtype
-        if routing.autocast_enabled(device) and dtype != torch.float64:
-            return torch.get_autocast_dtype(device)
-        return dtype
-
     def _route(self, features: Tensor, mix_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
         """Gate features ``(N, F)`` -> gates ``(N, G, k)`` and the kept experts ``(N, G, k)``
         (None when every expert is kept, in order), by :func:`~moe_lab.layers.routing.route`.
@@ -359,39 +300,14 @@ class MoEBase(nn.Module):
             n_experts=self.n_experts,
             top_k=self.top_k,
             gating_activation=self.gating_activation,
-            dtype=self._gate_dtype(features),
+            dtype=gate_dtype(features, self.gating_kernel),
         )
-        if routing.in_functorch_transform(logits):
-            self._routing = None
-        else:
-            self._routing = RoutingRecord(
-                logits, routed, noise_std, gates, index, self.top_k, mix_dtype
-            )
+        self._keep_routing(
+            RoutingRecord(logits, routed, noise_std, gates, index, self.top_k, mix_dtype)
+        )
         return gates, index
 
-    @property
-    def last_gates(self) -> Tensor | None:
-        """The gates of the last forward, ``(N, G, K)`` (N samples, G gate groups: 1 for the
-        dense layer, ``out_channels`` for the conv layers), 0 for experts not kept, in the dtype
-        the experts were mixed in; None before the first forward (or after one inside a
-        ``torch.func`` transform)."""
-        record = self._routing
-        if record is None:
-            return None
-        gates = routing.dense_gates(record.gates, record.index, self.n_experts)
-        return gates.to(record.gates_dtype)
-
-    def _check_dtype(self, x: Tensor) -> None:
-        if not x.is_floating_point():
-            raise ValueError(
-                f"{type(self).__name__} expected a floating-point input, got dtype {x.dtype}"
-            )
-        dtype = self.expert_kernel.dtype
-        if x.dtype != dtype and not routing.autocast_enabled(x.device.type):
-            raise ValueError(
-                f"{type(self).__name__} has {dtype} weights but got a {x.dtype} input; convert one "
-                f"of them (layer.to({dtype}) or x.to({dtype})) or run under torch.autocast"
-            )
+    # -- penalties and constraints ---------------------------------------------------------------
 
     def _record_activity(self, output: Tensor) -> None:
         if self._activity_regularizer is not None:
@@ -399,9 +315,7 @@ class MoEBase(nn.Module):
                 self._activity_penalty = None  # it could not outlive the transform
                 return
             penalty = self._activity_regularizer(output)
-            self._activity_penalty = _scalar_penalty(penalty, "activity_regularizer")
-
-    # -- penalties, constraints, statistics --------------------------------------------------------
+            self._activity_penalty = scalar_penalty(penalty, "activity_regularizer")
 
     def regularization_loss(self) -> Tensor:
         """Sum of the weight penalties plus the activity penalty of the last forward (Keras adds
@@ -410,7 +324,7 @@ class MoEBase(nn.Module):
         for name, param in self.named_moe_parameters():
             reg = self._regularizers[name]
             if reg is not None:
-                total = total + _scalar_penalty(reg(param), f"{name}_regularizer")
+                total = total + scalar_penalty(reg(param), f"{name}_regularizer")
         if self._activity_penalty is not None:
             total = total + self._activity_penalty
         return total
@@ -429,56 +343,6 @@ class MoEBase(nn.Module):
                         f"{tuple(param.shape)}, got {got!r}"
                     )
                 param.copy_(projected)
-
-    def _last_record(self, caller: str) -> RoutingRecord:
-        if self._routing is None:
-            raise RuntimeError(
-                f"{caller} reads the routing of the last forward, and there is none: run a "
-                "forward pass first (a forward inside a torch.func transform such as vmap, grad "
-                "or jacrev keeps no record, since its tensors cannot outlive the transform)"
-            )
-        return self._routing
-
-    def aux_losses(self) -> dict[str, Tensor]:
-        """The routing's auxiliary losses from the last forward, by name (:data:`AUX_LOSS_NAMES`),
-        as differentiable scalar tensors. Per gate group (each filter of a conv layer routes on
-        its own) over the N samples of the batch, then averaged over groups:
-
-        - ``importance``: ``cv^2`` of the experts' summed gates (Shazeer et al. 2017);
-          ``cv^2 = var / mean^2`` over experts (population variance); 0 when balanced.
-        - ``load``: ``cv^2`` of the experts' load. With noise applied (``noisy_gating`` in
-          training) and ``k < K``, the smooth estimator of Shazeer et al.: the summed
-          probability that an expert stays kept when its noise is redrawn (differentiable).
-          Otherwise the count of assignments routed to each expert (no gradient). The counted
-          assignments: the kept experts for ``top_k``, the largest gate for a dense mixture (k=1),
-          every expert for ``top_k == n_experts``.
-        - ``switch``: ``K * sum_k f_k P_k`` (Switch Transformer), ``f_k`` the fraction of the
-          assignments routed to expert k (they sum to 1), ``P_k`` the mean over samples of the
-          softmax over all K (routed) logits; 1 for balanced routing, K when everything goes to
-          one expert. Its gradient flows through ``P``.
-        - ``z_loss``: mean over (sample, group) of ``logsumexp(logits)^2`` on the clean logits
-          (ST-MoE), which keeps the router's logits small.
-        """
-        return routing.aux_losses(self._last_record("aux_losses()"), self.n_experts)
-
-    def routing_stats(self) -> dict[str, Tensor]:
-        """Expert usage in the last forward, per expert, as device tensors (no host sync):
-
-        - ``importance`` ``(K,)``: mean gate of each expert (0 where not kept);
-        - ``load`` ``(K,)``: fraction of (sample, gate group) pairs routed to expert k: whose
-          kept top-k contains k (they sum to k; all 1 for ``top_k == n_experts``), or whose largest
-          gate is k for a dense mixture;
-        - ``entropy`` ``()``: mean entropy (nats) of the gate distribution, gates normalised to sum 1.
-        """
-        return routing.routing_stats(self._last_record("routing_stats()"), self.n_experts)
-
-    def __getstate__(self) -> dict[str, object]:
-        # The tensors of the last forward belong to that forward's autograd graph: pickling or
-        # deep-copying them fails (non-leaf tensors) and would drag the graph along.
-        state = super().__getstate__()
-        state["_routing"] = None
-        state["_activity_penalty"] = None
-        return state
 
     def _moe_repr(self) -> str:
         parts = [
@@ -501,13 +365,6 @@ class MoEBase(nn.Module):
         if cons:
             parts.append(f"constrained={cons}")
         return ", ".join(parts)
-
-
-def _scalar_penalty(value: object, argname: str) -> Tensor:
-    if not isinstance(value, Tensor) or value.dim() != 0:
-        got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(f"{argname} must return a scalar tensor, got {got}")
-    return value
 
 
 _GATE_INPUT_HELP = (
@@ -535,18 +392,3 @@ def _check_choice(value: object, choices: tuple[str, ...], argname: str, help_te
     if not isinstance(value, str) or value.lower() not in choices:
         raise ValueError(f"{argname} must be {help_text}, got {value!r}")
     return value.lower()
-
-
-def _affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``x @ weight + bias`` as one fused GEMM; ``weight`` is ``(in, out)``, ``bias`` any shape
-    with ``out`` elements."""
-    if bias is None:
-        return x @ weight
-    return torch.addmm(bias.reshape(-1), x, weight)
-
-
-_MOE_OPTION_NAMES: tuple[str, ...] = tuple(
-    name
-    for name, param in inspect.signature(MoEBase.__init__).parameters.items()
-    if param.kind is inspect.Parameter.KEYWORD_ONLY
-)

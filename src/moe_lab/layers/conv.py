@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import dispatch, routing
-from .base import MoEBase, check_positive_int, moe_options, rejects_original_keywords
-from .options import ActivationSpec, ConstraintSpec, InitializerSpec, RegularizerSpec
-from .padding import PaddingSpec, as_tuple, check_padding, output_size, pad_amounts
+from .base import MoEBase, check_positive_int
+from .keywords import rejects_original_keywords, takes_keywords_of
+from .padding import PaddingSpec, SizeSpec, as_tuple, check_padding, output_size, pad_amounts
+from .precision import check_input_dtype, gate_dtype, mix_dtype
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 DATA_FORMATS: tuple[str, ...] = ("channels_first", "channels_last")
@@ -100,43 +102,22 @@ class _ConvNdMoE(MoEBase):
     ndim: int
 
     @rejects_original_keywords
+    @takes_keywords_of(MoEBase)
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
         n_experts: int,
-        kernel_size: int | Sequence[int],
-        input_size: int | Sequence[int] | None = None,
+        kernel_size: SizeSpec,
+        input_size: SizeSpec | None = None,
         *,
-        stride: int | Sequence[int] = 1,
+        stride: SizeSpec = 1,
         padding: PaddingSpec = "valid",
-        dilation: int | Sequence[int] = 1,
+        dilation: SizeSpec = 1,
         data_format: str = "channels_first",
-        expert_activation: ActivationSpec = None,
-        gating_activation: ActivationSpec = None,
-        use_expert_bias: bool = True,
-        use_gating_bias: bool = True,
-        expert_kernel_initializer_scale: float = 1.0,
-        gating_kernel_initializer_scale: float = 1.0,
-        expert_bias_initializer: InitializerSpec = "zeros",
-        gating_bias_initializer: InitializerSpec = "zeros",
-        expert_kernel_regularizer: RegularizerSpec = None,
-        gating_kernel_regularizer: RegularizerSpec = None,
-        expert_bias_regularizer: RegularizerSpec = None,
-        gating_bias_regularizer: RegularizerSpec = None,
-        expert_kernel_constraint: ConstraintSpec = None,
-        gating_kernel_constraint: ConstraintSpec = None,
-        expert_bias_constraint: ConstraintSpec = None,
-        gating_bias_constraint: ConstraintSpec = None,
-        activity_regularizer: RegularizerSpec = None,
-        top_k: int | None = None,
-        noisy_gating: bool = False,
-        gate_input: str = "full",
-        expert_backend: str = "auto",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(n_experts, **moe_options(locals()))
+        super().__init__(n_experts, **options)
         if data_format not in DATA_FORMATS:
             raise ValueError(
                 f"data_format must be 'channels_first' (inputs (B, C, *S), the default) or "
@@ -261,7 +242,7 @@ class _ConvNdMoE(MoEBase):
                 f"{type(self).__name__} expected {self.in_channels} input channels (dim 1, channels "
                 f"first), got {x.shape[1]} in shape {tuple(x.shape)}"
             )
-        self._check_dtype(x)
+        check_input_dtype(type(self).__name__, x, self.expert_kernel)
         spatial = tuple(x.shape[2:])
         if spatial == self.input_size:
             assert self._pads is not None and self.output_size is not None
@@ -313,10 +294,11 @@ class _ConvNdMoE(MoEBase):
         pads, out_size = self._check_input(x)
         batch = x.shape[0]
         if self.gate_input == "pooled":
-            features = x.mean(dim=tuple(range(2, x.dim())), dtype=self._gate_dtype(x))  # (B, C)
+            spatial_dims = tuple(range(2, x.dim()))
+            features = x.mean(dim=spatial_dims, dtype=gate_dtype(x, self.gating_kernel))  # (B, C)
         else:
             features = x.reshape(batch, math.prod(x.shape[1:]))  # (C, *input_size) order
-        gates, index = self._route(features, self._mix_dtype(x))  # (B, out, k)
+        gates, index = self._route(features, mix_dtype(x, self.expert_kernel))  # (B, out, k)
         backend = self.expert_backend_for(out_size, dense_gates=index is None)
         if batch == 0 or routing.in_functorch_transform(x, gates, self.expert_kernel):
             # Grouped convolutions need a batch, and data-dependent gathers cannot be vmapped:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import dispatch, routing
-from .base import MoEBase, _affine, check_positive_int, moe_options, rejects_original_keywords
-from .options import ActivationSpec, ConstraintSpec, InitializerSpec, RegularizerSpec
+from .base import MoEBase, check_positive_int
+from .keywords import rejects_original_keywords, takes_keywords_of
+from .precision import check_input_dtype, mix_dtype
 
 
 class DenseMoE(MoEBase):
@@ -48,37 +50,15 @@ class DenseMoE(MoEBase):
     """
 
     @rejects_original_keywords
+    @takes_keywords_of(MoEBase)
     def __init__(
         self,
         in_features: int,
         out_features: int,
         n_experts: int,
-        *,
-        expert_activation: ActivationSpec = None,
-        gating_activation: ActivationSpec = None,
-        use_expert_bias: bool = True,
-        use_gating_bias: bool = True,
-        expert_kernel_initializer_scale: float = 1.0,
-        gating_kernel_initializer_scale: float = 1.0,
-        expert_bias_initializer: InitializerSpec = "zeros",
-        gating_bias_initializer: InitializerSpec = "zeros",
-        expert_kernel_regularizer: RegularizerSpec = None,
-        gating_kernel_regularizer: RegularizerSpec = None,
-        expert_bias_regularizer: RegularizerSpec = None,
-        gating_bias_regularizer: RegularizerSpec = None,
-        expert_kernel_constraint: ConstraintSpec = None,
-        gating_kernel_constraint: ConstraintSpec = None,
-        expert_bias_constraint: ConstraintSpec = None,
-        gating_bias_constraint: ConstraintSpec = None,
-        activity_regularizer: RegularizerSpec = None,
-        top_k: int | None = None,
-        noisy_gating: bool = False,
-        gate_input: str = "full",
-        expert_backend: str = "auto",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(n_experts, **moe_options(locals()))
+        super().__init__(n_experts, **options)
         self.in_features = check_positive_int(in_features, "in_features")
         self.out_features = check_positive_int(out_features, "out_features")
         k = self.n_experts
@@ -112,10 +92,10 @@ class DenseMoE(MoEBase):
                 f"DenseMoE expected input of shape (*, {self.in_features}) (last dim = "
                 f"in_features), got shape {tuple(x.shape)}"
             )
-        self._check_dtype(x)
+        check_input_dtype(type(self).__name__, x, self.expert_kernel)
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
-        gates, index = self._route(flat, self._mix_dtype(x))  # (N, 1, k)
+        gates, index = self._route(flat, mix_dtype(x, self.expert_kernel))  # (N, 1, k)
         if index is None:
             y = self._mix_all(flat, gates)
         elif flat.shape[0] > 0 and not routing.in_functorch_transform(
@@ -166,3 +146,11 @@ class DenseMoE(MoEBase):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, {self._moe_repr()}"
         )
+
+
+def _affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight + bias`` as one fused GEMM; ``weight`` is ``(in, out)``, ``bias`` any shape
+    with ``out`` elements."""
+    if bias is None:
+        return x @ weight
+    return torch.addmm(bias.reshape(-1), x, weight)

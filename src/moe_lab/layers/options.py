@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,34 @@ def _finite_float(value: object, what: str) -> float:
     if isinstance(value, bool) or not math.isfinite(number):
         raise ValueError(f"{what} must be a finite number, got {value!r}")
     return number
+
+
+def _named(
+    spec: str | Mapping[str, Any],
+    known: Mapping[str, object],
+    argname: str,
+    what: str,
+    expected: str,
+) -> tuple[str, dict[str, Any]]:
+    """``"name"`` or ``{"name": ..., **arguments}`` -> the lowercased name and the arguments; a
+    ValueError saying what was ``expected`` when the name is not in ``known``."""
+    kwargs = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = str(kwargs.pop("name", "")).lower()
+    if name not in known:
+        shown = name or ({"name": spec} if isinstance(spec, str) else dict(spec))
+        raise ValueError(f"{argname}: unknown {what} {shown!r}; expected {expected}")
+    return name, kwargs
+
+
+def _check_arguments(
+    kwargs: Mapping[str, Any], allowed: tuple[str, ...], argname: str, what: str, name: str
+) -> None:
+    unexpected = sorted(set(kwargs) - set(allowed))
+    if unexpected:
+        raise ValueError(
+            f"{argname}: unexpected arguments {unexpected} for {what} {name!r}; it takes: "
+            f"{', '.join(allowed) or 'no arguments'}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +192,14 @@ def resolve_regularizer(spec: RegularizerSpec, argname: str) -> Regularizer | No
     )
 
 
+def scalar_penalty(value: object, argname: str) -> Tensor:
+    """``value``, checked to be what a regularizer must return: a scalar tensor."""
+    if not isinstance(value, Tensor) or value.dim() != 0:
+        got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{argname} must return a scalar tensor, got {got}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # Constraints (Keras 2 semantics; projections applied in place by apply_constraints())
 # ---------------------------------------------------------------------------------------------
@@ -291,24 +327,13 @@ def resolve_constraint(spec: ConstraintSpec, argname: str) -> Constraint | None:
     """
     if spec is None:
         return None
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if isinstance(spec, Mapping):
-        kwargs = dict(spec)
-        name = str(kwargs.pop("name", "")).lower()
-        if name not in _CONSTRAINTS:
-            raise ValueError(
-                f"{argname}: unknown constraint {name or spec!r}; expected one of "
-                f"{', '.join(_CONSTRAINTS)} (as a name or a dict with 'name'), or a callable"
-            )
+    if isinstance(spec, (str, Mapping)):
+        expected = (
+            f"one of {', '.join(_CONSTRAINTS)} (as a name or a dict with 'name'), or a callable"
+        )
+        name, kwargs = _named(spec, _CONSTRAINTS, argname, "constraint", expected)
         cls = _CONSTRAINTS[name]
-        fields = tuple(cls.__dataclass_fields__)
-        unexpected = sorted(set(kwargs) - set(fields))
-        if unexpected:
-            raise ValueError(
-                f"{argname}: unexpected arguments {unexpected} for constraint {name!r}; it takes: "
-                f"{', '.join(fields) or 'no arguments'}"
-            )
+        _check_arguments(kwargs, tuple(cls.__dataclass_fields__), argname, "constraint", name)
         for key, value in kwargs.items():
             if key == "axis":
                 kwargs[key] = _check_axis(value, f"{argname}: axis")
@@ -396,23 +421,14 @@ def resolve_initializer(spec: InitializerSpec, argname: str) -> Initializer:
     """
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return Constant(_finite_float(spec, argname))
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if isinstance(spec, Mapping):
-        kwargs = dict(spec)
-        name = str(kwargs.pop("name", "")).lower()
-        if name not in _INITIALIZERS:
-            raise ValueError(
-                f"{argname}: unknown initializer {name or dict(spec)!r}; expected a number, a "
-                f"callable, or one of {', '.join(INITIALIZER_NAMES)} (as a name or a dict with 'name')"
-            )
+    if isinstance(spec, (str, Mapping)):
+        expected = (
+            f"a number, a callable, or one of {', '.join(INITIALIZER_NAMES)} (as a name or a dict "
+            "with 'name')"
+        )
+        name, kwargs = _named(spec, _INITIALIZERS, argname, "initializer", expected)
         cls, fixed, allowed = _INITIALIZERS[name]
-        unexpected = sorted(set(kwargs) - set(allowed))
-        if unexpected:
-            raise ValueError(
-                f"{argname}: unexpected arguments {unexpected} for initializer {name!r}; it takes: "
-                f"{', '.join(allowed) or 'no arguments'}"
-            )
+        _check_arguments(kwargs, allowed, argname, "initializer", name)
         values = {
             k: _finite_float(v, f"{argname}: {name} argument {k!r}") for k, v in kwargs.items()
         }
@@ -429,3 +445,22 @@ def resolve_initializer(spec: InitializerSpec, argname: str) -> Initializer:
     raise ValueError(
         f"{argname}: expected an initializer name, dict, number or callable, got {type(spec).__name__}"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Per weight
+# ---------------------------------------------------------------------------------------------
+
+_Resolved = TypeVar("_Resolved")
+
+
+def resolve_per_weight(
+    resolve: Callable[[Any, str], _Resolved],
+    kind: str,
+    keywords: Mapping[str, Any],
+    weights: Sequence[str],
+) -> dict[str, _Resolved]:
+    """``{weight: resolved}`` for each of ``weights``, from its keyword ``f"{weight}_{kind}"`` in
+    ``keywords`` (e.g. ``expert_kernel_regularizer`` for ``kind="regularizer"``), resolved by
+    ``resolve(spec, keyword)`` in the order of ``weights``."""
+    return {weight: resolve(keywords[f"{weight}_{kind}"], f"{weight}_{kind}") for weight in weights}

@@ -6,6 +6,8 @@ import math
 import operator
 from collections.abc import Sequence
 
+#: a size of every spatial dim: one int for all, or one int per dim
+SizeSpec = int | Sequence[int]
 PaddingSpec = str | int | Sequence[int]
 PADDING_MODES = ("valid", "same", "causal")
 
@@ -31,7 +33,7 @@ def _ints(value: object, ndim: int, argname: str) -> tuple[int, ...]:
     return values
 
 
-def as_tuple(value: int | Sequence[int], ndim: int, argname: str) -> tuple[int, ...]:
+def as_tuple(value: SizeSpec, ndim: int, argname: str) -> tuple[int, ...]:
     """Broadcast an int to ``ndim`` positive ints, or check a sequence has ``ndim`` positive ints."""
     values = _ints(value, ndim, argname)
     if any(v < 1 for v in values):

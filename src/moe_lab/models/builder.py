@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from moe_lab.layers.options import ActivationSpec
+from moe_lab.layers.keywords import takes_keywords_of
 
 from .complexity import count_flops, count_params
 from .convnet import INITS, ConvNet, check_input_shape, check_moe_kwargs
@@ -60,23 +60,23 @@ class BuiltModel(NamedTuple):
     facts: ModelFacts
 
 
+@takes_keywords_of(ConvNet, exclude=("kind",))
 def build_model(
     kind: str,
     input_shape: Sequence[int],
     num_classes: int,
     topology: Mapping[str, Any],
     *,
-    n_experts: int = 2,
-    expert_activation: ActivationSpec = "relu",
-    gating_activation: ActivationSpec = "softmax",
-    width_multiplier: float = 1.0,
-    init: str = "keras",
-    moe_kwargs: Mapping[str, Any] | None = None,
     match: str = "params",
     match_tolerance: float = 0.01,
     name: str | None = None,
+    **net_options: Any,
 ) -> BuiltModel:
     """Build the original's CNN, its MoE twin, or a plain CNN widened to match the MoE twin.
+
+    ``n_experts``, the activations, ``width_multiplier``, ``init`` and ``moe_kwargs`` are
+    :class:`ConvNet`'s keywords, with its defaults: taken as ``**net_options`` and shown in this
+    signature (:func:`~moe_lab.layers.keywords.takes_keywords_of`).
 
     Args:
         kind: ``"cnn"`` (the original's CNN), ``"moe"`` (every conv and the hidden dense become MoE
@@ -102,6 +102,7 @@ def build_model(
     Shape:
         the model maps ``(B, *input_shape)`` to logits ``(B, num_classes)``.
     """
+    n_experts, init = net_options["n_experts"], net_options["init"]
     if kind not in BUILD_KINDS:
         raise ValueError(f"kind must be one of {BUILD_KINDS}, got {kind!r}")
     if init not in INITS:
@@ -116,16 +117,12 @@ def build_model(
         raise ValueError(f"match_tolerance must be a number > 0, got {match_tolerance!r}")
     shape = check_input_shape(input_shape)
     spec = parse_topology(_plain(topology), len(shape) - 1)
-    moe_kwargs = _plain(check_moe_kwargs(moe_kwargs))
-    width_multiplier = check_width_multiplier(width_multiplier)
+    moe_kwargs = _plain(check_moe_kwargs(net_options["moe_kwargs"]))
+    width_multiplier = check_width_multiplier(net_options.pop("width_multiplier"))
+    # ConvNet's keywords but the width multiplier (searched for cnn_matched): n_experts, the
+    # activations, init, moe_kwargs
     common: dict[str, Any] = dict(
-        input_shape=shape,
-        num_classes=num_classes,
-        n_experts=n_experts,
-        expert_activation=expert_activation,
-        gating_activation=gating_activation,
-        init=init,
-        moe_kwargs=moe_kwargs,
+        net_options, input_shape=shape, num_classes=num_classes, moe_kwargs=moe_kwargs
     )
 
     matched: dict[str, Any] = {}
