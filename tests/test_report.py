@@ -496,7 +496,7 @@ def test_callback_report_failure_exits_non_zero_with_the_reason(
     def broken_report(*args: object, **kwargs: object) -> None:
         raise RuntimeError("matplotlib exploded")
 
-    monkeypatch.setattr(callbacks, "write_report", broken_report)
+    monkeypatch.setattr(callbacks, "write_any_report", broken_report)
     clean = make_sweep(tmp_path / "clean", with_bad_runs=False, with_digits=False)
     with pytest.raises(SystemExit) as exit_info:  # every run completed, but there is no report
         SweepReportCallback().on_multirun_end(_config(clean))

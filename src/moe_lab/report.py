@@ -32,9 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moe_lab.analysis.reports import COMPARISON, WrittenReport, write_any_report
-
-COMPARE_PREFIX = "[moe_lab compare]"
+from moe_lab.analysis.reports import COMPARISON, print_comparison_report, write_any_report
 
 
 def _prog() -> str:
@@ -78,18 +76,6 @@ def usage_error(prog: str) -> Callable[[str], int]:
         return 2
 
     return fail
-
-
-def print_comparison_report(report: WrittenReport) -> None:
-    paths = report.paths
-    print(f"{COMPARE_PREFIX} report:  {paths['report_md']}")
-    print(
-        f"{COMPARE_PREFIX} figures: {paths['evp_png']}, {paths['trace_png']}, "
-        f"{paths['curves_png']} (and .svg)"
-    )
-    print(f"{COMPARE_PREFIX} tables:  {paths['summary_csv']}, {paths['best_params_json']}")
-    for problem in report.problems:
-        print(f"{COMPARE_PREFIX} incomplete: {problem}", file=sys.stderr)
 
 
 def rebuild(

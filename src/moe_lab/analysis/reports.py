@@ -13,6 +13,7 @@ callbacks call.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from .runs import load_runs
 from .sweep_report import incomplete_jobs, write_report
 
 SWEEP, COMPARISON = "sweep", "comparison"
+COMPARE_PREFIX = "[moe_lab compare]"
 
 
 @dataclass
@@ -93,11 +95,24 @@ def write_any_report(
     return written
 
 
+def print_comparison_report(report: WrittenReport) -> None:
+    paths = report.paths
+    print(f"{COMPARE_PREFIX} report:  {paths['report_md']}")
+    print(
+        f"{COMPARE_PREFIX} figures: {paths['evp_png']}, {paths['trace_png']}, "
+        f"{paths['curves_png']} (and .svg)"
+    )
+    print(f"{COMPARE_PREFIX} tables:  {paths['summary_csv']}, {paths['best_params_json']}")
+    for problem in report.problems:
+        print(f"{COMPARE_PREFIX} incomplete: {problem}", file=sys.stderr)
+
+
 __all__ = [
     "COMPARISON",
     "SWEEP",
     "WrittenReport",
     "incomplete_message",
+    "print_comparison_report",
     "report_kind",
     "write_any_report",
 ]
