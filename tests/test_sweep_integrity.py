@@ -181,7 +181,7 @@ def test_a_field_added_to_the_record_reaches_the_reader_and_its_contract_check(
     # A copy of the package with one field added to RunSummary, and nothing else changed.
     src = tmp_path / "src"
     shutil.copytree(REPO_ROOT / "src" / "moe_lab", src / "moe_lab")
-    record = src / "moe_lab" / "record.py"
+    record = src / "moe_lab" / "run" / "record.py"
     text = record.read_text()
     anchor = "    # -- provenance: what the result depends on\n"
     assert anchor in text

@@ -10,23 +10,22 @@ Hydra callback lives in
 - :func:`summarize` -> per-group mean ± SE, params, FLOPs, Welch's t-test and Hedges' g vs the baseline
 - :func:`plot_curves`, :func:`plot_expert_usage` -> matplotlib figures (Agg canvas)
 - :func:`write_report` -> ``summary.csv``, ``report.md``, ``curves.png``, ``curves.svg`` in the sweep
-  dir, replaced together
+  dir, replaced together; :func:`write_any_report` -> the report of a sweep or a comparison dir
+  (one stack: runs -> statistics -> rendering -> files written together)
+
+Never imports :mod:`moe_lab.layers` (a test enforces it): the run dirs' records
+(:mod:`moe_lab.run`) are all it reads.
 """
 
+from moe_lab.run.labels import group_label
 from moe_lab.run.record import REQUIRED_FIELDS, validate_summary
 from moe_lab.run.sweep import SweepPlan, read_plan
 
+from .curves import load_curves, load_expert_usage
 from .plots import plot_curves, plot_expert_usage, save_figure
-from .runs import (
-    NOT_COMPLETED_STATUSES,
-    find_run_dirs,
-    group_label,
-    load_curves,
-    load_expert_usage,
-    load_runs,
-    sweep_plans,
-)
-from .stats import hedges_g, standard_error, summarize, welch_test
+from .reports import write_any_report
+from .runs import NOT_COMPLETED_STATUSES, find_run_dirs, load_runs, sweep_plans
+from .stats import describe, hedges_g, standard_error, summarize, welch_test
 from .sweep_report import REPORT_FILES, render_report, write_report
 
 __all__ = [
@@ -34,6 +33,7 @@ __all__ = [
     "REPORT_FILES",
     "REQUIRED_FIELDS",
     "SweepPlan",
+    "describe",
     "find_run_dirs",
     "group_label",
     "hedges_g",
@@ -50,5 +50,6 @@ __all__ = [
     "sweep_plans",
     "validate_summary",
     "welch_test",
+    "write_any_report",
     "write_report",
 ]

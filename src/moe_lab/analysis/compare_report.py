@@ -33,6 +33,7 @@ from .comparison import (
     summarize_comparison,
     trial_scores,
 )
+from .curves import load_curves
 from .evp import expected_max_curve
 from .format import (
     DASH,
@@ -46,7 +47,6 @@ from .format import (
     table,
 )
 from .plots import plot_curves, plot_evp, plot_trace, render_figure
-from .runs import load_curves
 
 __all__ = [
     "CompareReport",

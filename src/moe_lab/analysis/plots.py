@@ -134,7 +134,7 @@ def plot_curves(
     """Validation accuracy (%) vs epoch, mean ± SE band per group, one subplot per data.
 
     Args:
-        curves: long per-epoch frame from :func:`~moe_lab.analysis.runs.load_curves`; only rows
+        curves: long per-epoch frame from :func:`~moe_lab.analysis.curves.load_curves`; only rows
             with ``status == "completed"`` are drawn (failed runs never enter an average).
         path: when given, the figure is written there atomically (format from the suffix).
         title: figure title; default "Validation accuracy, mean ± SE over seeds".
@@ -220,7 +220,7 @@ def plot_expert_usage(
     """Expert usage per group: mean gate per expert per layer at the last epoch, entropy vs epoch.
 
     Args:
-        usage: tidy frame from :func:`~moe_lab.analysis.runs.load_expert_usage`.
+        usage: tidy frame from :func:`~moe_lab.analysis.curves.load_expert_usage`.
         path: when given, the PNG is written there atomically.
         title: figure title; default "Expert usage".
 

@@ -29,26 +29,33 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from collections import defaultdict
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from moe_lab.run.jacobian_record import RECORD_FILE as JACOBIAN_RECORD_FILE
+from moe_lab.run.labels import group_label
 from moe_lab.run.record import (
     ACCURACY_FIELDS,
+    CHECKPOINT_DIR,
     FINAL_STATUSES,
-    GATE_COLUMN,
+    HYDRA_DIR,
     METRICS_FILE,
     NUMERIC_FIELDS,
     SUMMARY_FIELDS,
     SUMMARY_FILE,
-    validate_summary,
 )
-from moe_lab.run.sweep import SweepPlan, override_identity, parse_overrides, read_plan
+from moe_lab.run.sweep import (
+    MULTIRUN_FILE,
+    SweepPlan,
+    override_identity,
+    parse_overrides,
+    read_plan,
+)
+
+from .run_rows import fields_from_overrides, read_job
 
 #: Statuses that keep a job out of the averages and make the report exit non-zero.
 NOT_COMPLETED_STATUSES: tuple[str, ...] = (
@@ -75,12 +82,10 @@ _UNSET = "(default)"
 
 # Files and dirs that mark a directory as a job dir (Hydra writes .hydra/ and <job>.log at job
 # start, so a job killed before its first epoch is still found).
-_RUN_MARKERS = frozenset((SUMMARY_FILE, METRICS_FILE, ".hydra", "checkpoints"))
-_NOT_JOBS = frozenset(("wandb", "checkpoints"))
+_RUN_MARKERS = frozenset((SUMMARY_FILE, METRICS_FILE, HYDRA_DIR, CHECKPOINT_DIR))
+_NOT_JOBS = frozenset(("wandb", CHECKPOINT_DIR))
 # a Jacobian-experiment run dir (it has .hydra/ and a log, but trained nothing)
 _JACOBIAN_RECORD = JACOBIAN_RECORD_FILE
-# metrics.csv columns a completed run must have for its curve
-_CURVE_COLUMNS = ("epoch", "val_acc")
 
 
 def _run_columns() -> tuple[str, ...]:
@@ -141,7 +146,7 @@ def _scan(root: Path) -> tuple[list[Path], dict[Path, OSError], list[Path]]:
         if path != root and (names & _RUN_MARKERS or any(n.endswith(".log") for n in names)):
             found.append(path)  # a job dir's own sub-dirs are not searched
             continue
-        if "multirun.yaml" in names:
+        if MULTIRUN_FILE in names:
             sweeps.append(path)
         # Hidden dirs (.hydra, .submitit), wandb/ and checkpoints/ are bookkeeping, never jobs.
         children = sorted(
@@ -187,216 +192,6 @@ def _check_sweep_dir(sweep_dir: str | Path) -> Path:
     return path.resolve()
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def group_label(
-    model: Any,
-    n_experts: Any = None,
-    top_k: Any = None,
-    routing: Any = None,
-    swept: Iterable[tuple[str, str]] = (),
-) -> str:
-    """Readable name of a group of repetitions, e.g. ``"moe K=2"``, ``"moe K=8 top-2"``, ``"cnn"``,
-    ``"moe K=4 top-1 gate_input=pooled"``, ``"moe K=2 optimizer.lr=0.003"`` (``swept``: the
-    ``(key, value)`` overrides that tell this group from others of the same model and K)."""
-    parts = [str(model) if _present(model) else "?"]
-    if _present(n_experts):
-        parts.append(f"K={_fmt_int(n_experts)}")
-    if _present(top_k):
-        parts.append(f"top-{_fmt_int(top_k)}")
-    if _present(routing) and str(routing):
-        parts.append(str(routing))
-    parts += [f"{key}={value}" for key, value in swept]
-    return " ".join(parts)
-
-
-def _present(value: Any) -> bool:
-    if value is None:
-        return False
-    try:
-        return not bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return True
-
-
-def _fmt_int(value: Any) -> str:
-    if _is_number(value) and float(value).is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _read_overrides(run_dir: Path) -> list[str] | None:
-    """Hydra's ``.hydra/overrides.yaml`` (a YAML list of strings), or None."""
-    path = run_dir / ".hydra" / "overrides.yaml"
-    try:
-        import yaml  # PyYAML ships with Hydra/OmegaConf; imported lazily as it is optional here.
-
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except Exception:  # absent, unreadable or not YAML: the job is still reported without it
-        return None
-    return [str(item) for item in loaded] if isinstance(loaded, list) else None
-
-
-def _count_metric_rows(run_dir: Path) -> int:
-    path = run_dir / METRICS_FILE
-    try:
-        return len(pd.read_csv(path))
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError):
-        return 0
-
-
-def _fields_from_overrides(row: dict[str, Any], overrides: list[str]) -> None:
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.lstrip("+~")
-        if sep and key in ("model", "data", "seed"):
-            row[key] = int(value) if value.lstrip("-").isdigit() else value
-
-
-def _row_without_summary(run_dir: Path) -> dict[str, Any]:
-    """A ``partial`` / ``missing`` row, with model/data/seed taken from Hydra's overrides."""
-    n_epochs = _count_metric_rows(run_dir)
-    row: dict[str, Any] = {"epochs": n_epochs}
-    overrides = _read_overrides(run_dir)
-    if overrides is not None:
-        row["overrides"] = overrides
-        _fields_from_overrides(row, overrides)
-    known = f"; overrides: {' '.join(overrides)}" if overrides else ""
-    if n_epochs > 0:
-        row["status"] = "partial"
-        row["detail"] = (
-            f"no summary.json; metrics.csv has {n_epochs} epoch(s) (job killed mid-run?)"
-        ) + known
-    else:
-        row["status"] = "missing"
-        row["detail"] = (
-            "no summary.json and no epoch in metrics.csv (job killed before its first epoch?)"
-        ) + known
-    return row
-
-
-def _invalid(detail: str, summary: Any = None) -> dict[str, Any]:
-    warnings.warn(f"invalid run, listed as status 'invalid': {detail}", stacklevel=4)
-    row = {k: v for k, v in summary.items() if k != "status"} if isinstance(summary, dict) else {}
-    row["status"] = "invalid"
-    row["detail"] = detail
-    return row
-
-
-def _row_from_summary(summary_path: Path) -> dict[str, Any]:
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except OSError as err:
-        return _invalid(f"{summary_path}: cannot read summary.json ({err.strerror or err})")
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return _invalid(f"{summary_path}: summary.json is not valid JSON ({err})")
-    except RecursionError:
-        return _invalid(f"{summary_path}: summary.json is nested too deeply to parse")
-    if isinstance(summary, dict) and summary.get("status") == "running":
-        # Written by a run that was killed before it could record an outcome: a partial run, not
-        # a broken file.
-        row = {k: v for k, v in summary.items() if k != "status"}
-        row.pop("diverged_at", None)
-        row["status"] = "partial"
-        n_epochs = _count_metric_rows(summary_path.parent)
-        row["epochs"] = n_epochs
-        row["detail"] = (
-            f"summary.json says status 'running' (job killed); metrics.csv has {n_epochs} epoch(s)"
-        )
-        return row
-    problems = validate_summary(summary)
-    if problems:
-        return _invalid(f"{summary_path}: " + "; ".join(problems), summary)
-    row = dict(summary)
-    diverged_at = row.pop("diverged_at", None)
-    if isinstance(diverged_at, dict):
-        row["diverged_at_epoch"] = diverged_at.get("epoch")
-        row["diverged_at_step"] = diverged_at.get("step")
-    if row["status"] == "failed":
-        row["detail"] = (
-            f"{row.get('error_type') or 'error'}: {row.get('error_message') or '(no message)'}"
-        )
-    elif row["status"] == "diverged":
-        where = []
-        if _present(row.get("diverged_at_epoch")):
-            where.append(f"epoch {_fmt_int(row['diverged_at_epoch'])}")
-        if _present(row.get("diverged_at_step")):
-            where.append(f"step {_fmt_int(row['diverged_at_step'])}")
-        row["detail"] = "diverged" + (" at " + ", ".join(where) if where else "")
-        if row.get("error_message"):
-            row["detail"] += f" ({row['error_message']})"
-    elif row["status"] == "interrupted":
-        row["detail"] = (
-            f"interrupted after {_fmt_int(row.get('epochs'))} epoch(s)"
-            + (f" ({row['error_message']})" if row.get("error_message") else "")
-            + f"; resume with resume={summary_path.parent}"
-        )
-    return row
-
-
-def _metrics_problem(run_dir: Path) -> str | None:
-    """Why a completed run's ``metrics.csv`` cannot give its curve (None: it can, or it is
-    absent, which :func:`load_curves` warns about)."""
-    path = run_dir / METRICS_FILE
-    try:
-        metrics = pd.read_csv(path)
-    except FileNotFoundError:
-        return None
-    except pd.errors.EmptyDataError:
-        return f"{path}: metrics.csv is empty"
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
-        return (
-            f"{path}: metrics.csv is corrupt ({type(err).__name__}: {' '.join(str(err).split())})"
-        )
-    except OSError as err:
-        return f"{path}: cannot read metrics.csv ({err.strerror or err})"
-    missing = [c for c in _CURVE_COLUMNS if c not in metrics.columns]
-    if missing:
-        return f"{path}: metrics.csv missing columns {missing} (the columns are MetricsRow's, moe_lab/run/record.py)"
-    for column in _CURVE_COLUMNS:
-        if pd.to_numeric(metrics[column], errors="coerce").isna().any():
-            return f"{path}: metrics.csv column {column!r} holds a value that is not a number"
-    return None
-
-
-def _read_job(run_dir: Path, unreadable: OSError | None) -> dict[str, Any]:
-    """One row of the runs table for ``run_dir``; a read error gives an ``invalid`` row."""
-    if unreadable is not None:
-        return _invalid(f"{run_dir}: cannot read the job dir ({unreadable.strerror or unreadable})")
-    summary_path = run_dir / SUMMARY_FILE
-    try:
-        has_summary = summary_path.exists()
-        row = _row_from_summary(summary_path) if has_summary else _row_without_summary(run_dir)
-        if row["status"] == "completed":
-            problem = _metrics_problem(run_dir)
-            if problem:
-                row = _invalid(problem, row)
-        if not row.get("overrides"):
-            overrides = _read_overrides(run_dir)
-            if overrides:
-                row["overrides"] = overrides
-        row["_mtime"] = _newest_mtime(run_dir, (SUMMARY_FILE, METRICS_FILE))
-    except OSError as err:
-        where = err.filename or run_dir
-        return _invalid(f"{where}: cannot read ({err.strerror or err})")
-    row["summary_path"] = str(summary_path) if has_summary else None
-    return row
-
-
-def _newest_mtime(run_dir: Path, names: tuple[str, ...]) -> float:
-    for name in names:
-        try:
-            return (run_dir / name).stat().st_mtime
-        except OSError:
-            continue
-    try:
-        return run_dir.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
 def _planned_row(plan: SweepPlan, job: Any, root: Path) -> dict[str, Any]:
     where = job.run_dir if job.run_dir is not None else plan.sweep_dir / f"job {job.num}"
     row: dict[str, Any] = {
@@ -412,7 +207,7 @@ def _planned_row(plan: SweepPlan, job: Any, root: Path) -> dict[str, Any]:
         "_mtime": 0.0,
         "summary_path": None,
     }
-    _fields_from_overrides(row, list(job.overrides))
+    fields_from_overrides(row, list(job.overrides))
     return row
 
 
@@ -528,7 +323,7 @@ def load_runs(sweep_dir: str | Path) -> pd.DataFrame:
 
     rows = []
     for run_dir in run_dirs:
-        row = _read_job(run_dir, unreadable.get(run_dir))
+        row = read_job(run_dir, unreadable.get(run_dir))
         row["_dir"] = run_dir
         rows.append(row)
     # Planned jobs that no job dir ran (matched by their overrides, or by the dir Hydra gave them).
@@ -598,79 +393,3 @@ def sweep_plans(sweep_dir: str | Path) -> list[SweepPlan]:
     if (sweep / SUMMARY_FILE).is_file():
         return []
     return [plan for plan in (read_plan(d) for d in _scan(sweep)[2]) if plan is not None]
-
-
-def load_curves(runs: pd.DataFrame, *, statuses: Iterable[str] = ("completed",)) -> pd.DataFrame:
-    """Per-epoch metrics of the runs in ``runs`` (from :func:`load_runs`), in long format.
-
-    One row per (run, epoch): ``run_name``, ``run_dir``, ``group``, ``data``, ``model``,
-    ``n_experts``, ``top_k``, ``seed``, ``status``, then every column of the run's
-    ``metrics.csv`` (``epoch`` 0-based, ``step``, ``train_loss``, ``train_acc``, ``val_loss``,
-    ``val_acc``, ``lr``, ``gate/...``). Only runs whose status is in ``statuses`` are read
-    (default: completed runs, the only ones any average may use).
-
-    Raises:
-        ValueError: a run's ``metrics.csv`` lacks the ``epoch`` or ``val_acc`` column.
-
-    A selected run without ``metrics.csv`` is skipped with a warning.
-    """
-    wanted = set(statuses)
-    id_columns = [
-        "run_name",
-        "run_dir",
-        "group",
-        "data",
-        "model",
-        "n_experts",
-        "top_k",
-        "seed",
-        "status",
-    ]
-    frames = []
-    for _, run in runs[runs["status"].isin(wanted)].iterrows():
-        path = Path(run["run_dir"]) / "metrics.csv"
-        if not path.is_file():
-            warnings.warn(
-                f"run {run['run_name']!r} has status {run['status']!r} but no {path}", stacklevel=2
-            )
-            continue
-        try:
-            metrics = pd.read_csv(path)
-        except pd.errors.EmptyDataError:
-            continue
-        missing = [c for c in _CURVE_COLUMNS if c not in metrics.columns]
-        if missing:
-            raise ValueError(
-                f"{path}: metrics.csv missing columns {missing} (the columns are MetricsRow's, "
-                "moe_lab/run/record.py)"
-            )
-        for column in id_columns:
-            metrics.insert(id_columns.index(column), column, run[column])
-        frames.append(metrics)
-    if not frames:
-        return pd.DataFrame(columns=[*id_columns, "epoch", "val_acc"])
-    return pd.concat(frames, ignore_index=True)
-
-
-def load_expert_usage(curves: pd.DataFrame) -> pd.DataFrame:
-    """The ``gate/<layer>/...`` columns of ``curves`` (from :func:`load_curves`) as a tidy frame.
-
-    One row per (run, epoch, layer, quantity, expert): ``run_name``, ``group``, ``data``,
-    ``seed``, ``epoch`` (0-based), ``layer``, ``kind`` (``"importance"``: mean gate value of the
-    expert; ``"load"``: share of routed inputs; ``"entropy"``: gate entropy), ``expert`` (index k,
-    ``<NA>`` for entropy) and ``value``. Rows whose value is missing (non-MoE runs) are dropped.
-    """
-    gate_columns = [c for c in curves.columns if isinstance(c, str) and GATE_COLUMN.match(c)]
-    id_columns = [c for c in ("run_name", "group", "data", "seed", "epoch") if c in curves.columns]
-    if not gate_columns:
-        return pd.DataFrame(columns=[*id_columns, "layer", "kind", "expert", "value"])
-    tidy = curves[id_columns + gate_columns].melt(
-        id_vars=id_columns, var_name="column", value_name="value"
-    )
-    tidy = tidy.dropna(subset=["value"])
-    parsed = tidy["column"].str.extract(GATE_COLUMN)
-    tidy["layer"] = parsed["layer"]
-    tidy["kind"] = parsed["kind"].fillna("entropy")
-    tidy["expert"] = pd.to_numeric(parsed["expert"]).astype("Int64")
-    tidy["value"] = tidy["value"].astype(float)
-    return tidy.drop(columns="column").reset_index(drop=True)

@@ -19,9 +19,10 @@ from moe_lab.run.report_files import SWEEP_REPORT_FILES
 from moe_lab.run.sweep import SweepPlan
 from moe_lab.utils.io import replace_together
 
+from .curves import load_curves
 from .format import DASH, cell, fmt_float, fmt_int, fmt_p, fmt_pct, missing, table
 from .plots import figure_caption, plot_curves, render_figure
-from .runs import NOT_COMPLETED_STATUSES, STATUSES, SUPERSEDED, load_curves, load_runs, sweep_plans
+from .runs import NOT_COMPLETED_STATUSES, STATUSES, SUPERSEDED, load_runs, sweep_plans
 from .stats import DEFAULT_BASELINES, METRIC_NAMES, summarize
 
 #: File names the report writes in the sweep dir (named in :mod:`moe_lab.run.report_files`).

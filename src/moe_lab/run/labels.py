@@ -20,7 +20,7 @@ from moe_lab.run.sweep import parse_overrides
 FIELD_KEYS: frozenset[str] = frozenset({"model", "data", "seed"})
 
 
-def _present(value: Any) -> bool:
+def is_present(value: Any) -> bool:
     if value is None:
         return False
     if isinstance(value, float) and math.isnan(value):
@@ -33,7 +33,7 @@ def _present(value: Any) -> bool:
         return True
 
 
-def _fmt_int(value: Any) -> str:
+def whole_number_text(value: Any) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer():
         return str(int(value))
     return str(value)
@@ -49,12 +49,12 @@ def group_label(
     """Readable name of a group of repetitions, e.g. ``"moe K=2"``, ``"moe K=8 top-2"``, ``"cnn"``,
     ``"moe K=4 top-1 gate_input=pooled"``, ``"moe K=2 optimizer.lr=0.003"`` (``swept``: the
     ``(key, value)`` overrides that tell this group from others of the same model and K)."""
-    parts = [str(model) if _present(model) else "?"]
-    if _present(n_experts):
-        parts.append(f"K={_fmt_int(n_experts)}")
-    if _present(top_k):
-        parts.append(f"top-{_fmt_int(top_k)}")
-    if _present(routing) and str(routing):
+    parts = [str(model) if is_present(model) else "?"]
+    if is_present(n_experts):
+        parts.append(f"K={whole_number_text(n_experts)}")
+    if is_present(top_k):
+        parts.append(f"top-{whole_number_text(top_k)}")
+    if is_present(routing) and str(routing):
         parts.append(str(routing))
     parts += [f"{key}={value}" for key, value in swept]
     return " ".join(parts)
