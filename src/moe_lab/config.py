@@ -13,7 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import moe_lab.utils.resolvers  # noqa: F401  (registers ${uid:} and friends before Hydra composes)
+import moe_lab.run.resolvers  # noqa: F401  (registers ${uid:} and friends before Hydra composes)
+from moe_lab.run.record import hydra_config_path, last_checkpoint
 
 CONFIG_DIR_ENV = "MOE_LAB_CONFIG_DIR"
 
@@ -194,13 +195,13 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> str | None:
         raise ResumeRefused(
             f"resume={resume}: no such run dir; pass the output dir of the run to continue"
         )
-    ckpt = resume_dir / "checkpoints" / "last.ckpt"
+    ckpt = last_checkpoint(resume_dir)
     if not ckpt.is_file():
         raise ResumeRefused(
             f"resume={resume}: {ckpt} does not exist (the run stopped before its first checkpoint); "
             "start it again without resume="
         )
-    original_path = resume_dir / ".hydra" / "config.yaml"
+    original_path = hydra_config_path(resume_dir)
     if original_path.is_file():
         original = OmegaConf.load(original_path)
         differing: list[str] = []

@@ -25,9 +25,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from moe_lab import console
 from moe_lab.assembly import build_module, set_process_options
 from moe_lab.config import CONFIG_DIR, ConfigError
-from moe_lab.run.record import EVAL_FILE, EvalRecord
+from moe_lab.run.record import EVAL_FILE, EvalRecord, hydra_config_path
+from moe_lab.run.resolvers import _interactive
 from moe_lab.utils.io import atomic_write_json
-from moe_lab.utils.resolvers import _interactive
 
 log = logging.getLogger("moe_lab.eval")
 
@@ -35,7 +35,7 @@ log = logging.getLogger("moe_lab.eval")
 def find_run_config(ckpt: Path) -> Path:
     """The ``.hydra/config.yaml`` of the run that wrote ``ckpt`` (``<run>/checkpoints/x.ckpt``)."""
     for folder in (ckpt.parent, ckpt.parent.parent):
-        candidate = folder / ".hydra" / "config.yaml"
+        candidate = hydra_config_path(folder)
         if candidate.is_file():
             return candidate
     raise ConfigError(

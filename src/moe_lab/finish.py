@@ -35,6 +35,7 @@ import pandas as pd
 
 from moe_lab.analysis.runs import load_runs
 from moe_lab.report import rebuild, usage_error
+from moe_lab.run.record import last_checkpoint
 from moe_lab.run.sweep import PlannedJob, SweepPlan, override_identity, read_plan
 
 #: statuses a rerun can change; ``diverged`` is a result (see the module docstring)
@@ -108,7 +109,7 @@ def plan_actions(plan: SweepPlan, runs: pd.DataFrame) -> tuple[list[Action], lis
             )
         command = [sys.executable, "-m", "moe_lab.train", *plan.config_args, *job.overrides]
         command.append(f"hydra.run.dir={_quoted(run_dir)}")
-        resumable = (run_dir / "checkpoints" / "last.ckpt").is_file() and status != "invalid"
+        resumable = last_checkpoint(run_dir).is_file() and status != "invalid"
         if resumable:
             command.append(f"resume={_quoted(run_dir)}")
         actions.append(Action(job, "resume" if resumable else "start", run_dir, status, command))

@@ -41,7 +41,7 @@ from moe_lab.models import routing_variant
 from moe_lab.run import trackers
 from moe_lab.run.context import group_choice, hydra_overrides, is_main_process, is_multirun
 from moe_lab.run.environment import run_environment
-from moe_lab.run.record import METRICS_FILE, RunSummary, summary_path
+from moe_lab.run.record import CHECKPOINT_DIR, METRICS_FILE, RunSummary, summary_path
 from moe_lab.run.signals import RunInterrupted, SweepSignals, in_sweep_launcher, received_signal
 from moe_lab.run.task import (
     EpochRecord,
@@ -139,7 +139,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path, previous = _resume_point(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
-        remove_stale_tmp_files(run_dir)
+        remove_stale_tmp_files(run_dir, subdirs=(CHECKPOINT_DIR,))
     console.start_run(cfg, run_dir)  # noise filters, config tree to the run's log
     record = SegmentRecord(summary, run_dir, previous)
     parts: RunParts | None = None

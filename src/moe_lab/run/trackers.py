@@ -24,8 +24,8 @@ from moe_lab.run.context import hydra_overrides, sweep_dir_of
 from moe_lab.run.labels import job_label
 from moe_lab.run.record import RunSummary
 from moe_lab.run.report_files import REPORT_MD, SUMMARY_CSV
+from moe_lab.run.resolvers import _wandb_offline
 from moe_lab.run.sweep import varying_keys
-from moe_lab.utils.resolvers import _wandb_offline
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""Small shared utilities: atomic file writes and Hydra resolvers."""
+"""Small shared utilities: atomic file writes."""

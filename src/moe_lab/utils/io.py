@@ -111,7 +111,7 @@ TMP_SUFFIX = ".tmp"
 
 
 def remove_stale_tmp_files(
-    folder: str | os.PathLike[str], subdirs: tuple[str, ...] = ("checkpoints",)
+    folder: str | os.PathLike[str], subdirs: tuple[str, ...] = ()
 ) -> list[Path]:
     """Delete temporary files that atomic writes left behind when a process was killed mid-write
     (``.<name>.<random>.tmp`` in ``folder`` and its ``subdirs``); returns what was removed.

@@ -9,6 +9,8 @@ import time
 
 from omegaconf import OmegaConf
 
+from moe_lab.run.record import HYDRA_DIR
+
 
 def _unique_id() -> str:
     # Cached per config (use_cache=True), and Hydra copies resolver caches into each job's config,
@@ -31,8 +33,8 @@ def _resume_subdir(resume: str | None) -> str:
     """Hydra's record dir: ``.hydra``, or a fresh one beside it when resuming, so that the
     original run's record is never overwritten."""
     if resume is None:
-        return ".hydra"
-    return f".hydra_resume_{time.strftime('%Y-%m-%d_%H-%M-%S')}_{_unique_id()}"
+        return HYDRA_DIR
+    return f"{HYDRA_DIR}_resume_{time.strftime('%Y-%m-%d_%H-%M-%S')}_{_unique_id()}"
 
 
 def register_resolvers() -> None:
