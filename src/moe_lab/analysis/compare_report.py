@@ -38,6 +38,7 @@ from .evp import expected_max_curve
 from .format import (
     DASH,
     cell,
+    fmt_ci,
     fmt_duration,
     fmt_p,
     fmt_pct,
@@ -55,6 +56,11 @@ __all__ = [
     "verdict",
     "write_compare_report",
 ]
+
+
+def arm_labels(summary: pd.DataFrame) -> dict[str, str]:
+    """``{arm: its label}`` from the per-arm summary."""
+    return dict(zip(summary["arm"], summary["label"], strict=True))
 
 
 @dataclass
@@ -147,7 +153,7 @@ def _arms_section(
     data: ComparisonData, summary: pd.DataFrame, best_params: dict[str, dict[str, Any]]
 ) -> list[str]:
     """The per-arm results table and the best hyperparameters."""
-    labels = dict(zip(summary["arm"], summary["label"], strict=True))
+    labels = arm_labels(summary)
     header = [
         "arm",
         "params",
@@ -185,7 +191,7 @@ def _arms_section(
 
 def _baseline_section(summary: pd.DataFrame, base: str, budget: int, epochs: Any) -> list[str]:
     """Every other arm against the baseline on final test accuracy, and the verdicts."""
-    labels = dict(zip(summary["arm"], summary["label"], strict=True))
+    labels = arm_labels(summary)
     n_base = int(summary.loc[summary["arm"] == base, "final_n"].iloc[0])
     lines = [f"## Against the baseline ({labels[base]}), on final test accuracy", ""]
     others = summary[summary["arm"] != base].assign(n_base=n_base)
@@ -194,11 +200,7 @@ def _baseline_section(summary: pd.DataFrame, base: str, budget: int, epochs: Any
     header = ["arm", "difference (pp)", "95% CI (pp)", "p (Welch)", "Hedges' g", "n / n baseline"]
     rows = []
     for _, row in others.iterrows():
-        ci = (
-            DASH
-            if missing(row["ci_low"])
-            else f"[{fmt_signed(100 * row['ci_low'], 2)}, {fmt_signed(100 * row['ci_high'], 2)}]"
-        )
+        ci = fmt_ci(row["ci_low"], row["ci_high"], signed=True)
         rows.append(
             [
                 cell(row["label"]),
@@ -322,7 +324,7 @@ def render_compare_report(
     settings = data.settings
     budget, epochs = int(settings["trials"]), settings.get("max_epochs")
     base = summary["baseline"].iloc[0]
-    labels = dict(zip(summary["arm"], summary["label"], strict=True))
+    labels = arm_labels(summary)
     lines = [
         *_header_section(data, base),
         *_arms_section(data, summary, best_params),
@@ -347,7 +349,7 @@ def render_compare_files(
     :data:`~moe_lab.run.report_files.COMPARE_REPORT_FILES`), its per-arm summary and what keeps
     the comparison from being complete."""
     summary, best_params, problems = summarize_comparison(data, baseline)
-    labels = dict(zip(summary["arm"], summary["label"], strict=True))
+    labels = arm_labels(summary)
     title = f"{data.record.experiment or ''} {data.dir.name}"
     figures = {
         "evp": plot_evp(

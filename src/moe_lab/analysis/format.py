@@ -3,26 +3,19 @@ cells and tables. Undefined values (None, NaN, an SE with n = 1) show as :data:`
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
 from typing import Any
 
-import pandas as pd
+from moe_lab.run.labels import is_present
 
 DASH = "–"
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
+    """None, NaN or pandas' NA."""
+    return not is_present(value)
 
 
 def fmt_pct(mean: Any, se: Any = None, *, with_se: bool = True, digits: int = 2) -> str:
@@ -55,6 +48,16 @@ def fmt_signed(value: Any, digits: int = 1) -> str:
     if missing(value):
         return DASH
     return f"{float(value):+.{digits}f}".replace("-", "−")
+
+
+def fmt_ci(low: Any, high: Any, *, signed: bool = False, digits: int = 2) -> str:
+    """A confidence interval of a difference of fractions, in percentage points:
+    ``"[-1.20, 0.40]"`` (``signed``: ``"[−1.20, +0.40]"``); "–" when undefined."""
+    if missing(low) or missing(high):
+        return DASH
+    if signed:
+        return f"[{fmt_signed(100 * low, digits)}, {fmt_signed(100 * high, digits)}]"
+    return f"[{100 * float(low):.{digits}f}, {100 * float(high):.{digits}f}]"
 
 
 def fmt_value(value: Any) -> str:
@@ -95,6 +98,7 @@ def table(header: list[str], rows: list[list[str]], right: Iterable[int] = ()) -
 __all__ = [
     "DASH",
     "cell",
+    "fmt_ci",
     "fmt_duration",
     "fmt_float",
     "fmt_int",

@@ -20,7 +20,7 @@ from moe_lab.run.sweep import SweepPlan
 from moe_lab.utils.io import replace_together
 
 from .curves import load_curves
-from .format import DASH, cell, fmt_float, fmt_int, fmt_p, fmt_pct, missing, table
+from .format import DASH, cell, fmt_ci, fmt_float, fmt_int, fmt_p, fmt_pct, missing, table
 from .plots import figure_caption, plot_curves, render_figure
 from .runs import NOT_COMPLETED_STATUSES, STATUSES, SUPERSEDED, load_runs, sweep_plans
 from .stats import DEFAULT_BASELINES, METRIC_NAMES, summarize
@@ -105,11 +105,7 @@ def _test_section(data_summary: pd.DataFrame, metric: str) -> str:
             if isinstance(base, str) and base in by_group.index
             else DASH
         )
-        ci = (
-            DASH
-            if missing(row["ci_low"])
-            else f"[{100 * row['ci_low']:.2f}, {100 * row['ci_high']:.2f}]"
-        )
+        ci = fmt_ci(row["ci_low"], row["ci_high"])
         rows.append(
             [
                 cell(row["group"]),

@@ -170,6 +170,17 @@ class DigitsDataModule(BaseDataModule):
 DIRECTIONS = ("left_to_right", "right_to_left", "top_to_bottom", "bottom_to_top")
 
 
+def check_motion(frames: int, height: int, width: int, directions: int) -> None:
+    """Raise ValueError, naming the values, for clips in which the 8x8 digit cannot move."""
+    if directions not in (2, 4):
+        raise ValueError(f"directions must be 2 or 4, got {directions!r}")
+    if frames < 2 or height <= DIGIT_SIZE or width <= DIGIT_SIZE:
+        raise ValueError(
+            f"moving digits need frames >= 2 and height, width > {DIGIT_SIZE} (the 8x8 digit must "
+            f"move), got frames={frames}, height={height}, width={width}"
+        )
+
+
 def make_moving_digits(
     images: np.ndarray,
     digit_labels: np.ndarray,
@@ -203,13 +214,7 @@ def make_moving_digits(
         clips ``(N * directions, 1, T, H, W)`` with the images' dtype (clip ``i * directions + d``
         is digit ``i`` moving in direction ``d``) and labels ``(N * directions,)`` int64.
     """
-    if directions not in (2, 4):
-        raise ValueError(f"directions must be 2 or 4, got {directions!r}")
-    if frames < 2 or height <= DIGIT_SIZE or width <= DIGIT_SIZE:
-        raise ValueError(
-            f"moving digits need frames >= 2 and height, width > {DIGIT_SIZE} (the 8x8 digit must "
-            f"move), got frames={frames}, height={height}, width={width}"
-        )
+    check_motion(frames, height, width, directions)
     n = images.shape[0]
     if images.shape[1:] != (DIGIT_SIZE, DIGIT_SIZE) or digit_labels.shape != (n,):
         raise ValueError(
@@ -273,13 +278,7 @@ class MovingDigitsDataModule(BaseDataModule):
         for what, value in (("frames", frames), ("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{what} must be an int, got {value!r}")
-        if directions not in (2, 4):
-            raise ValueError(f"directions must be 2 or 4, got {directions!r}")
-        if frames < 2 or height <= DIGIT_SIZE or width <= DIGIT_SIZE:
-            raise ValueError(
-                f"moving_digits needs frames >= 2 and height, width > {DIGIT_SIZE}, got "
-                f"frames={frames}, height={height}, width={width}"
-            )
+        check_motion(frames, height, width, directions)
         self.frames, self.height, self.width, self.directions = frames, height, width, directions
         self.input_shape = (1, frames, height, width)
         self.num_classes = 10 * directions

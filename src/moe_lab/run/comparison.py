@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moe_lab.run.record import JsonRecord
 from moe_lab.utils.io import atomic_write_json
 
 MARKER = "comparison.json"
@@ -42,7 +43,7 @@ class NotAComparison(ValueError):
 
 
 @dataclass
-class ComparisonRecord:
+class ComparisonRecord(JsonRecord):
     """``comparison.json``: what a comparison was started with."""
 
     settings: dict[str, Any]
@@ -52,14 +53,6 @@ class ComparisonRecord:
     created: str = field(default_factory=lambda: dt.datetime.now().isoformat(timespec="seconds"))
     kind: str = MARKER_KIND
     version: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ComparisonRecord:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass

@@ -71,8 +71,22 @@ def _field(default: Any = None, *, doc: str, kind: str, required: bool = False, 
     return field(default=default, metadata=metadata)
 
 
+class JsonRecord:
+    """A dataclass record kept as one JSON object: :meth:`to_dict`, and :meth:`from_dict`, which
+    ignores unknown keys (a newer writer's) and gives missing ones their defaults (an older
+    writer's); a reader that requires fields checks them first (e.g. :func:`validate_summary`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
 @dataclass
-class RunSummary:
+class RunSummary(JsonRecord):
     """One run's ``summary.json``.
 
     Field kinds: ``str``, ``int``, ``float`` (an int is accepted), ``bool``, ``list`` (of str),
@@ -117,16 +131,6 @@ class RunSummary:
     torch_version: str | None = _field(doc="torch.__version__", kind="str")
     lightning_version: str | None = _field(doc="lightning.__version__", kind="str")
     git_commit: str | None = _field(doc="the moe_lab checkout's commit (+'-dirty'), if any", kind="str")  # fmt: skip
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunSummary:
-        """The record from a parsed ``summary.json``; unknown keys are ignored, missing ones take
-        their defaults (check with :func:`validate_summary` first)."""
-        names = set(SUMMARY_FIELDS)
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 SUMMARY_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunSummary))
@@ -240,7 +244,7 @@ EVAL_FILE = "eval.json"
 
 
 @dataclass
-class EvalRecord:
+class EvalRecord(JsonRecord):
     """One checkpoint evaluation's ``eval.json`` (``python -m moe_lab.eval``)."""
 
     ckpt_path: str = _field(doc="the scored checkpoint", kind="str", required=True)
@@ -255,14 +259,6 @@ class EvalRecord:
     device: str | None = _field(doc="device the evaluation ran on", kind="str")
     wall_time_s: float | None = _field(doc="seconds the evaluation took", kind="float")
     output_dir: str | None = _field(doc="the evaluation's own output dir", kind="str")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EvalRecord:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 __all__ = [
@@ -287,6 +283,7 @@ __all__ = [
     "SUMMARY_FIELDS",
     "SUMMARY_FILE",
     "EvalRecord",
+    "JsonRecord",
     "MetricsRow",
     "RunSummary",
     "gate_column",
