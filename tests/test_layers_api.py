@@ -264,3 +264,24 @@ def test_load_keras_weights_errors() -> None:
     with pytest.raises(ValueError, match="gate_input='full'"):
         load_keras_weights(Conv2dMoE(2, 3, 2, 3, gate_input="pooled"), good)
     assert torch.equal(layer.expert_kernel, before)  # nothing half-loaded
+
+
+def test_the_options_type_lists_exactly_moebase_keywords() -> None:
+    """``MoEOptions`` (what editors show for ``**options``) and ``MoEBase.__init__``'s keyword-only
+    parameters name the same options with the same annotations, in the same order."""
+    import inspect
+
+    from moe_lab.layers.base import MoEBase, MoEOptions
+
+    declared = [
+        (p.name, p.annotation)
+        for p in inspect.signature(MoEBase.__init__).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    typed = [
+        (name, getattr(t, "__forward_arg__", t)) for name, t in MoEOptions.__annotations__.items()
+    ]
+    assert typed == declared
+    for layer in (DenseMoE, Conv1dMoE, Conv2dMoE, Conv3dMoE):
+        shown = inspect.signature(layer).parameters
+        assert [name for name, _ in declared if name in shown] == [n for n, _ in declared]

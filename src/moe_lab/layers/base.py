@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +56,37 @@ def check_scale(value: object, argname: str) -> float:
     if not math.isfinite(scale) or scale < 0:
         raise ValueError(f"{argname} must be a finite number >= 0, got {value!r}")
     return scale
+
+
+class MoEOptions(TypedDict, total=False):
+    """:class:`MoEBase`'s keyword-only options as a type, so that editors and type checkers show
+    them on every layer, whose ``__init__`` takes them as ``**options: Unpack[MoEOptions]`` (PEP
+    692); the defaults are :class:`MoEBase`'s (``help()`` shows them). A test keeps the two lists
+    the same."""
+
+    expert_activation: ActivationSpec
+    gating_activation: ActivationSpec
+    use_expert_bias: bool
+    use_gating_bias: bool
+    expert_kernel_initializer_scale: float
+    gating_kernel_initializer_scale: float
+    expert_bias_initializer: InitializerSpec
+    gating_bias_initializer: InitializerSpec
+    expert_kernel_regularizer: RegularizerSpec
+    gating_kernel_regularizer: RegularizerSpec
+    expert_bias_regularizer: RegularizerSpec
+    gating_bias_regularizer: RegularizerSpec
+    expert_kernel_constraint: ConstraintSpec
+    gating_kernel_constraint: ConstraintSpec
+    expert_bias_constraint: ConstraintSpec
+    gating_bias_constraint: ConstraintSpec
+    activity_regularizer: RegularizerSpec
+    top_k: int | None
+    noisy_gating: bool
+    gate_input: str
+    expert_backend: str
+    device: torch.device | str | None
+    dtype: torch.dtype | None
 
 
 class MoEBase(RoutingState, DropsForwardState, nn.Module):

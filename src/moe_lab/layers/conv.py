@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import dispatch, routing
-from .base import MoEBase, check_positive_int
+from .base import MoEBase, MoEOptions, check_positive_int
 from .keywords import rejects_original_keywords, takes_keywords_of
 from .padding import PaddingSpec, SizeSpec, as_tuple, check_padding, output_size, pad_amounts
 from .precision import check_input_dtype, gate_dtype, mix_dtype
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 DATA_FORMATS: tuple[str, ...] = ("channels_first", "channels_last")
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python >= 3.11; only type checkers read it
 
 
 #: ``expert_backend="auto"`` picks ``kernel_mix`` (when exact) only for outputs of at least this
@@ -115,7 +118,7 @@ class _ConvNdMoE(MoEBase):
         padding: PaddingSpec = "valid",
         dilation: SizeSpec = 1,
         data_format: str = "channels_first",
-        **options: Any,
+        **options: Unpack[MoEOptions],
     ) -> None:
         super().__init__(n_experts, **options)
         if data_format not in DATA_FORMATS:

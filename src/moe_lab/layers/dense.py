@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from . import dispatch, routing
-from .base import MoEBase, check_positive_int
+from .base import MoEBase, MoEOptions, check_positive_int
 from .keywords import rejects_original_keywords, takes_keywords_of
 from .precision import check_input_dtype, mix_dtype
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python >= 3.11; only type checkers read it
 
 
 class DenseMoE(MoEBase):
@@ -56,7 +59,7 @@ class DenseMoE(MoEBase):
         in_features: int,
         out_features: int,
         n_experts: int,
-        **options: Any,
+        **options: Unpack[MoEOptions],
     ) -> None:
         super().__init__(n_experts, **options)
         self.in_features = check_positive_int(in_features, "in_features")
