@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from moe_lab.run.report_files import COMPARE_REPORT_FILES
@@ -29,12 +28,10 @@ from moe_lab.utils.io import json_text, replace_together
 from .comparison import (
     FAILED_TRIAL_SCORE,
     ComparisonData,
+    ComparisonInfo,
+    comparison_info,
     load_comparison,
-    summarize_comparison,
-    trial_scores,
 )
-from .curves import load_curves
-from .evp import expected_max_curve
 from .format import (
     DASH,
     cell,
@@ -56,11 +53,6 @@ __all__ = [
     "verdict",
     "write_compare_report",
 ]
-
-
-def arm_labels(summary: pd.DataFrame) -> dict[str, str]:
-    """``{arm: its label}`` from the per-arm summary."""
-    return dict(zip(summary["arm"], summary["label"], strict=True))
 
 
 @dataclass
@@ -149,11 +141,9 @@ def _header_section(data: ComparisonData, base: str) -> list[str]:
     ]
 
 
-def _arms_section(
-    data: ComparisonData, summary: pd.DataFrame, best_params: dict[str, dict[str, Any]]
-) -> list[str]:
+def _arms_section(info: ComparisonInfo) -> list[str]:
     """The per-arm results table and the best hyperparameters."""
-    labels = arm_labels(summary)
+    data, summary, best_params, labels = info.data, info.summary, info.best_params, info.labels
     header = [
         "arm",
         "params",
@@ -189,9 +179,9 @@ def _arms_section(
     return [*lines, table(["arm", "trial", *(f"`{k}`" for k in keys)], rows), ""]
 
 
-def _baseline_section(summary: pd.DataFrame, base: str, budget: int, epochs: Any) -> list[str]:
+def _baseline_section(info: ComparisonInfo, budget: int, epochs: Any) -> list[str]:
     """Every other arm against the baseline on final test accuracy, and the verdicts."""
-    labels = arm_labels(summary)
+    summary, base, labels = info.summary, info.baseline, info.labels
     n_base = int(summary.loc[summary["arm"] == base, "final_n"].iloc[0])
     lines = [f"## Against the baseline ({labels[base]}), on final test accuracy", ""]
     others = summary[summary["arm"] != base].assign(n_base=n_base)
@@ -216,9 +206,8 @@ def _baseline_section(summary: pd.DataFrame, base: str, budget: int, epochs: Any
     return [*lines, ""]
 
 
-def _evp_section(data: ComparisonData, labels: dict[str, str], budget: int) -> list[str]:
+def _evp_section(info: ComparisonInfo, budget: int) -> list[str]:
     """The expected-validation-performance table at n = 1, N/4, N/2 and N trials."""
-    trials = data.trials
     lines = [
         "## Expected validation performance",
         "",
@@ -231,14 +220,13 @@ def _evp_section(data: ComparisonData, labels: dict[str, str], budget: int) -> l
     points = sorted({1, max(1, budget // 4), max(1, budget // 2), budget})
     header = ["arm", *(f"n = {n}" for n in points)]
     rows = []
-    for arm in data.arms:
-        scores = trial_scores(trials, arm) if len(trials) else np.array([])
-        if scores.size == 0:
-            rows.append([cell(labels[arm]), *([DASH] * len(points))])
+    for arm in info.data.arms:
+        if info.scores[arm].size == 0:
+            rows.append([cell(info.labels[arm]), *([DASH] * len(points))])
             continue
-        curve = expected_max_curve(scores, n_max=max(points)).set_index("n")
+        curve = info.evp(arm, n_max=max(points)).set_index("n")
         rows.append(
-            [cell(labels[arm])]
+            [cell(info.labels[arm])]
             + [
                 f"{100 * curve.loc[n, 'mean']:.2f} ± {100 * curve.loc[n, 'std']:.2f}"
                 for n in points
@@ -313,64 +301,41 @@ _HOW_TO_READ = [
 ]
 
 
-def render_compare_report(
-    data: ComparisonData,
-    summary: pd.DataFrame,
-    best_params: dict[str, dict[str, Any]],
-    problems: list[str],
-) -> str:
+def render_compare_report(info: ComparisonInfo) -> str:
     """The comparison's report.md: settings, per-arm results, the tests against the baseline,
     expected validation performance, the figures and what did not complete."""
-    settings = data.settings
-    budget, epochs = int(settings["trials"]), settings.get("max_epochs")
-    base = summary["baseline"].iloc[0]
-    labels = arm_labels(summary)
+    data = info.data
+    budget, epochs = int(data.settings["trials"]), data.settings.get("max_epochs")
     lines = [
-        *_header_section(data, base),
-        *_arms_section(data, summary, best_params),
-        *_baseline_section(summary, base, budget, epochs),
-        *_evp_section(data, labels, budget),
+        *_header_section(data, info.baseline),
+        *_arms_section(info),
+        *_baseline_section(info, budget, epochs),
+        *_evp_section(info, budget),
         "## Tuning trace and final runs",
         "",
         "![each trial's score and the best so far](tuning_trace.png)",
         "",
         "![final runs: validation accuracy per epoch, mean ± SE](final_curves.png)",
         "",
-        *_incomplete_section(data, problems),
+        *_incomplete_section(data, info.problems),
         *_HOW_TO_READ,
     ]
     return "\n".join(lines)
 
 
-def render_compare_files(
-    data: ComparisonData, baseline: str | None = None
-) -> tuple[dict[str, bytes], pd.DataFrame, list[str]]:
+def render_compare_files(info: ComparisonInfo) -> dict[str, bytes]:
     """Every file of the comparison report as bytes (keys of
-    :data:`~moe_lab.run.report_files.COMPARE_REPORT_FILES`), its per-arm summary and what keeps
-    the comparison from being complete."""
-    summary, best_params, problems = summarize_comparison(data, baseline)
-    labels = arm_labels(summary)
+    :data:`~moe_lab.run.report_files.COMPARE_REPORT_FILES`)."""
+    data = info.data
     title = f"{data.record.experiment or ''} {data.dir.name}"
     figures = {
-        "evp": plot_evp(
-            data.trials, data.arms, labels, f"Expected validation performance (± 1 std)\n{title}"
-        ),
-        "trace": plot_trace(
-            data.trials, data.arms, labels, f"Tuning trace: each trial and the best so far\n{title}"
+        "evp": plot_evp(info, f"Expected validation performance (± 1 std)\n{title}"),
+        "trace": plot_trace(info, f"Tuning trace: each trial and the best so far\n{title}"),
+        "curves": plot_curves(
+            info.final_curves,
+            title=f"Final runs: validation accuracy, mean ± SE over seeds\n{title}",
         ),
     }
-    finals = data.runs[data.runs["stage"] == "final"]
-    curves = (
-        load_curves(finals)
-        if len(finals)
-        else pd.DataFrame(columns=["data", "group", "epoch", "val_acc"])
-    )
-    if len(curves):
-        curves = curves.merge(finals[["run_dir", "arm"]], on="run_dir", how="left")
-        curves["group"] = curves["arm"].map(labels)
-    figures["curves"] = plot_curves(
-        curves, title=f"Final runs: validation accuracy, mean ± SE over seeds\n{title}"
-    )
     params = [c for c in data.trials.columns if c.startswith("param:")]
     trials = pd.concat([data.trials.drop(columns=params), data.trials[params]], axis=1)
     files = {
@@ -378,13 +343,12 @@ def render_compare_files(
         for name, figure in figures.items()
         for fmt in ("png", "svg")
     }
-    files["summary_csv"] = summary.to_csv(index=False).encode("utf-8")
+    files["summary_csv"] = info.summary.to_csv(index=False).encode("utf-8")
     files["trials_csv"] = trials.to_csv(index=False).encode("utf-8")
     files["runs_csv"] = data.runs.to_csv(index=False).encode("utf-8")
-    files["best_params_json"] = json_text(best_params).encode("utf-8")
-    markdown = render_compare_report(data, summary, best_params, problems)
-    files["report_md"] = markdown.encode("utf-8")
-    return files, summary, problems
+    files["best_params_json"] = json_text(info.best_params).encode("utf-8")
+    files["report_md"] = render_compare_report(info).encode("utf-8")
+    return files
 
 
 def write_compare_report(comparison_dir: str | Path, baseline: str | None = None) -> CompareReport:
@@ -394,8 +358,8 @@ def write_compare_report(comparison_dir: str | Path, baseline: str | None = None
     Raises:
         ValueError: not a comparison dir, or ``baseline`` is not an arm (nothing is written).
     """
-    data = load_comparison(comparison_dir)
-    files, summary, problems = render_compare_files(data, baseline)
-    paths = {key: data.dir / name for key, name in COMPARE_REPORT_FILES.items()}
+    info = comparison_info(load_comparison(comparison_dir), baseline)
+    files = render_compare_files(info)
+    paths = {key: info.data.dir / name for key, name in COMPARE_REPORT_FILES.items()}
     replace_together({paths[key]: content for key, content in files.items()})
-    return CompareReport(paths=paths, problems=problems, summary=summary)
+    return CompareReport(paths=paths, problems=info.problems, summary=info.summary)

@@ -34,6 +34,7 @@ from moe_lab.run.comparison import (
 )
 from moe_lab.run.labels import group_label
 
+from .curves import load_curves
 from .evp import expected_max_curve
 from .runs import load_runs
 from .stats import DEFAULT_BASELINES, TEST_COLUMNS, describe, welch_test
@@ -154,7 +155,9 @@ def _summed(runs: pd.DataFrame, column: str) -> float:
     return float(pd.to_numeric(runs[column]).fillna(0).sum()) if len(runs) else 0.0
 
 
-def _tuning_row(data: ComparisonData, arm: str, problems: list[str]) -> dict[str, Any]:
+def _tuning_row(
+    data: ComparisonData, arm: str, scores: np.ndarray, problems: list[str]
+) -> dict[str, Any]:
     """The arm's tuning: its trials, their compute, its best trial and its EVP."""
     budget = int(data.settings["trials"])
     trials = data.trials
@@ -183,7 +186,6 @@ def _tuning_row(data: ComparisonData, arm: str, problems: list[str]) -> dict[str
     else:
         row["best_trial"], row["best_val_acc"], row["best_params"] = None, math.nan, None
         problems.append(f"arm {arm}: no trial completed, so there is no best configuration")
-    scores = trial_scores(trials, arm)
     row["evp_n1"] = row["evp_nN"] = row["evp_nN_std"] = math.nan
     if scores.size:
         curve = expected_max_curve(scores)
@@ -223,18 +225,60 @@ def final_test_accs(data: ComparisonData, arm: str) -> pd.Series:
     return pd.to_numeric(done["test_acc"], errors="coerce").dropna()
 
 
-def summarize_comparison(
-    data: ComparisonData, baseline: str | None = None
-) -> tuple[pd.DataFrame, dict[str, dict[str, Any]], list[str]]:
-    """(summary: a row per arm, best_params: ``{arm: {key: value}}``, problems)."""
+@dataclass
+class ComparisonInfo:
+    """A comparison's statistics, computed once, that every rendering reads (the markdown, the
+    figures, the csv files, the notebook): the per-arm summary, each arm's best hyperparameters
+    and finished trials' scores, what keeps it from being complete, and the final runs' curves."""
+
+    data: ComparisonData
+    #: a row per arm (module docstring)
+    summary: pd.DataFrame
+    best_params: dict[str, dict[str, Any]]
+    problems: list[str]
+    #: ``{arm: label}``, e.g. ``{"moe": "moe K=2"}``
+    labels: dict[str, str]
+    #: ``{arm: its finished trials' scores in trial order}`` (:func:`trial_scores`)
+    scores: dict[str, np.ndarray]
+    #: the final runs' per-epoch metrics, ``group`` = the arm's label
+    final_curves: pd.DataFrame
+
+    @property
+    def baseline(self) -> str:
+        return str(self.summary["baseline"].iloc[0])
+
+    def evp(self, arm: str, n_max: int | None = None) -> pd.DataFrame:
+        """The arm's expected best validation accuracy after n = 1..``n_max`` trials (default:
+        as many as it finished)."""
+        return expected_max_curve(self.scores[arm], n_max=n_max)
+
+
+def _final_curves(data: ComparisonData, labels: dict[str, str]) -> pd.DataFrame:
+    finals = data.runs[data.runs["stage"] == "final"]
+    if not len(finals):
+        return pd.DataFrame(columns=["data", "group", "epoch", "val_acc"])
+    curves = load_curves(finals)
+    if len(curves):
+        curves = curves.merge(finals[["run_dir", "arm"]], on="run_dir", how="left")
+        curves["group"] = curves["arm"].map(labels)
+    return curves
+
+
+def comparison_info(data: ComparisonData, baseline: str | None = None) -> ComparisonInfo:
+    """Every statistic of the comparison in one pass over its trials and runs.
+
+    Raises:
+        ValueError: ``baseline`` is not one of the arms.
+    """
     base = pick_baseline(data.record, data.arms, baseline)
     problems: list[str] = []
     rows: list[dict[str, Any]] = []
     best_params: dict[str, dict[str, Any]] = {}
+    scores = {arm: trial_scores(data.trials, arm) for arm in data.arms}
     for arm in data.arms:
         row: dict[str, Any] = {"arm": arm, "label": arm_label(arm, data.runs)}
         row["is_baseline"] = arm == base
-        row.update(_tuning_row(data, arm, problems))
+        row.update(_tuning_row(data, arm, scores[arm], problems))
         if row["best_params"] is not None:
             best_params[arm] = json.loads(row["best_params"])
         row.update(_final_row(data, arm, row["best_params"] is not None, problems))
@@ -251,13 +295,27 @@ def summarize_comparison(
             continue
         for column, value in welch_test(final_test_accs(data, row["arm"]), base_acc).items():
             summary.loc[index, column] = value
-    return summary, best_params, problems
+    labels = dict(zip(summary["arm"], summary["label"], strict=True))
+    return ComparisonInfo(
+        data, summary, best_params, problems, labels, scores, _final_curves(data, labels)
+    )
+
+
+def summarize_comparison(
+    data: ComparisonData, baseline: str | None = None
+) -> tuple[pd.DataFrame, dict[str, dict[str, Any]], list[str]]:
+    """(summary: a row per arm, best_params: ``{arm: {key: value}}``, problems) of
+    :func:`comparison_info`."""
+    info = comparison_info(data, baseline)
+    return info.summary, info.best_params, info.problems
 
 
 __all__ = [
     "FAILED_TRIAL_SCORE",
     "ComparisonData",
+    "ComparisonInfo",
     "arm_label",
+    "comparison_info",
     "final_test_accs",
     "load_comparison",
     "pick_baseline",

@@ -27,8 +27,7 @@ from scipy import stats
 
 from moe_lab.utils.io import atomic_write
 
-from .comparison import FAILED_TRIAL_SCORE, trial_scores
-from .evp import expected_max_curve
+from .comparison import FAILED_TRIAL_SCORE, ComparisonInfo
 
 
 def _new_figure(n_rows: int, n_cols: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
@@ -299,33 +298,24 @@ def _colors(arms: list[str]) -> dict[str, str]:
     return {arm: f"C{i % 10}" for i, arm in enumerate(arms)}
 
 
-def plot_evp(
-    trials: pd.DataFrame, arms: list[str], labels: dict[str, str], title: str | None = None
-) -> Figure:
+def plot_evp(info: ComparisonInfo, title: str | None = None) -> Figure:
     """Expected best validation accuracy after n = 1..N trials per arm, ± one standard deviation
     of that maximum (Dodge et al. 2019)."""
     figure, axes = _new_figure(1, 1, 6.5, 4.5)
     axis = axes[0, 0]
-    colors = _colors(arms)
+    colors = _colors(info.data.arms)
     drawn = False
-    for arm in arms:
-        scores = trial_scores(trials, arm)
-        if scores.size == 0:
+    for arm in info.data.arms:
+        if info.scores[arm].size == 0:
             continue
-        curve = expected_max_curve(scores)
+        curve = info.evp(arm)
         n, mean, std = (
             curve["n"].to_numpy(),
             100 * curve["mean"].to_numpy(),
             100 * curve["std"].to_numpy(),
         )
-        axis.plot(
-            n,
-            mean,
-            marker="o",
-            markersize=3,
-            color=colors[arm],
-            label=f"{labels[arm]} (N={scores.size})",
-        )
+        label = f"{info.labels[arm]} (N={info.scores[arm].size})"
+        axis.plot(n, mean, marker="o", markersize=3, color=colors[arm], label=label)
         # ± one std of the maximum, cut to the accuracies that can exist
         low, high = np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100)
         axis.fill_between(n, low, high, color=colors[arm], alpha=0.2, linewidth=0)
@@ -342,15 +332,14 @@ def plot_evp(
     return figure
 
 
-def plot_trace(
-    trials: pd.DataFrame, arms: list[str], labels: dict[str, str], title: str | None = None
-) -> Figure:
+def plot_trace(info: ComparisonInfo, title: str | None = None) -> Figure:
     """Every trial's best validation accuracy (failed trials as × at the bottom) and the best so
     far, per arm, in trial order."""
     figure, axes = _new_figure(1, 1, 6.5, 4.5)
     axis = axes[0, 0]
-    colors = _colors(arms)
-    for arm in arms:
+    trials = info.data.trials
+    colors = _colors(info.data.arms)
+    for arm in info.data.arms:
         mine = (
             trials[(trials["arm"] == arm) & trials["state"].isin(["COMPLETE", "FAIL"])]
             if len(trials)
@@ -366,7 +355,7 @@ def plot_trace(
         if (~complete).any():
             axis.scatter(x[~complete], np.zeros((~complete).sum()), marker="x", color=colors[arm])
         best = np.maximum.accumulate(np.where(complete, values, FAILED_TRIAL_SCORE))
-        axis.step(x, 100 * best, where="post", color=colors[arm], label=labels[arm])
+        axis.step(x, 100 * best, where="post", color=colors[arm], label=info.labels[arm])
     axis.set_xlabel("trial")
     axis.set_ylabel("best validation accuracy (%)")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
