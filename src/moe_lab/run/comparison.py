@@ -54,7 +54,11 @@ class ComparisonRecord:
     version: int = 1
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The record as ``comparison.json`` has always laid it out: what it is and where it came
+        from first, the settings after them."""
+        data = dataclasses.asdict(self)
+        first = ("kind", "version", "experiment", "created", "command", "baseline")
+        return {**{key: data[key] for key in first}, **data}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ComparisonRecord:

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 #: Statuses a finished run writes; ``running`` is on disk only while a run is alive (or was
@@ -30,6 +31,14 @@ STAGES: tuple[str, ...] = ("tune", "final")
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
+#: Lightning's checkpoints of a run, below its run dir; ``last.ckpt`` is what ``resume=`` continues.
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """``<run_dir>/checkpoints/last.ckpt``: the checkpoint a killed run continues from."""
+    return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
 
 
 def _field(default: Any = None, *, doc: str, kind: str, required: bool = False, **kw: Any) -> Any:
@@ -213,11 +222,13 @@ class EvalRecord:
 
 __all__ = [
     "ACCURACY_FIELDS",
+    "CHECKPOINT_DIR",
     "EVAL_FILE",
     "FIELD_DOCS",
     "FIELD_KINDS",
     "FINAL_STATUSES",
     "GATE_COLUMN",
+    "LAST_CHECKPOINT",
     "METRICS_COLUMNS",
     "METRICS_FILE",
     "NUMERIC_FIELDS",
@@ -230,5 +241,6 @@ __all__ = [
     "MetricsRow",
     "RunSummary",
     "gate_column",
+    "last_checkpoint",
     "validate_summary",
 ]
