@@ -17,8 +17,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from moe_lab.analysis.compare_report import MARKER, write_compare_report
+from moe_lab.analysis.compare_report import write_compare_report
 from moe_lab.analysis.tracker_report import log_report_run_if_wandb
+from moe_lab.run.comparison import STUDY_DB, is_comparison_dir
 
 _PREFIX = "[moe_lab compare]"
 
@@ -51,7 +52,7 @@ class CompareReportCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         comparison_dir = Path(str(config.hydra.sweep.dir))
-        if not (comparison_dir / MARKER).is_file():
+        if not is_comparison_dir(comparison_dir):
             return  # stopped before it started
         baseline = self.baseline or (config.get("compare") or {}).get("baseline")
         try:
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m moe_lab.compare.report",
         description="Rebuild a comparison's report.md, summary.csv, trials.csv, best_params.json "
-        "and figures from its study.db and run dirs.",
+        f"and figures from its {STUDY_DB} and run dirs.",
     )
     parser.add_argument("comparison_dir", metavar="COMPARISON_DIR")
     parser.add_argument("--baseline", metavar="ARM", default=None, help="the baseline arm")
