@@ -32,8 +32,8 @@ from conftest import REPO_ROOT, cli_env, run_module
 from moe_lab.analysis import load_runs, read_plan, summarize, write_report
 from moe_lab.analysis.callbacks import SweepReportCallback
 from moe_lab.finish import main as finish_main
-from moe_lab.run.record import METRICS_COLUMNS, REQUIRED_FIELDS, SUMMARY_FIELDS, RunSummary
 from moe_lab.report import main as report_main
+from moe_lab.run.record import METRICS_COLUMNS, REQUIRED_FIELDS, SUMMARY_FIELDS, RunSummary
 from moe_lab.utils.io import atomic_write_json
 from test_analysis import ref_mean_se, ref_welch
 

@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         raise SystemExit(2)
     from hydra.core.hydra_config import HydraConfig
 
-    from moe_lab.compare.runner import hold_job_lock
+    from moe_lab.compare.store import hold_job_lock
     from moe_lab.train import train  # torch and Lightning load in the jobs only
 
     with hold_job_lock(HydraConfig.get().sweep.dir):

@@ -44,15 +44,16 @@ class NotAComparison(ValueError):
 
 @dataclass
 class ComparisonRecord(JsonRecord):
-    """``comparison.json``: what a comparison was started with."""
+    """``comparison.json``: what a comparison was started with (fields in the file's order: what
+    it is and where it came from first, the settings last)."""
 
-    settings: dict[str, Any]
-    experiment: str | None = None
-    command: str = ""
-    baseline: str | None = None
-    created: str = field(default_factory=lambda: dt.datetime.now().isoformat(timespec="seconds"))
     kind: str = MARKER_KIND
     version: int = 1
+    experiment: str | None = None
+    created: str = field(default_factory=lambda: dt.datetime.now().isoformat(timespec="seconds"))
+    command: str = ""
+    baseline: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

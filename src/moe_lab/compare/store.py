@@ -1,0 +1,236 @@
+"""The comparison dir as the running comparison holds it: its record, locks, studies and log.
+
+:func:`open_store` creates a new comparison dir, or reopens the one ``resume=`` names after
+checking that it really is a comparison started with the same settings; either way it takes the
+dir's lock, and the :class:`ComparisonStore` it returns is what the runner reads and writes
+through. The dir's files are named, and their records defined, in :mod:`moe_lab.run.comparison`.
+
+Locks: the comparison process holds :data:`~moe_lab.run.comparison.LOCK` exclusively for as long
+as it runs; each of its jobs holds :data:`~moe_lab.run.comparison.JOBS_LOCK` shared while it runs
+(:func:`hold_job_lock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from moe_lab.config import ConfigError
+from moe_lab.run.comparison import (
+    JOBS_LOCK,
+    KILLED_DIR,
+    LOCK,
+    MARKER,
+    STUDY_DB,
+    ComparisonRecord,
+    NotAComparison,
+    Session,
+    append_log,
+    append_session,
+    has_study_db,
+    is_comparison_dir,
+    read_record,
+    study_storage,
+    write_record,
+)
+from moe_lab.run.record import SUMMARY_FILE
+from moe_lab.run.sweep import MULTIRUN_FILE
+from moe_lab.utils.io import atomic_write_text
+
+from .settings import CompareSettings
+
+__all__ = ["ComparisonStore", "hold_job_lock", "open_store", "read_marker", "read_summary"]
+
+
+def read_marker(comparison_dir: str | Path) -> ComparisonRecord:
+    """The record of the comparison that ``resume=comparison_dir`` names.
+
+    Raises:
+        ConfigError: the dir is no comparison dir, its record is unreadable, or its study is
+            missing (the message starts with ``resume=<dir>``).
+    """
+    path = Path(comparison_dir).expanduser()
+    try:
+        record = read_record(comparison_dir)
+    except NotAComparison as err:
+        if not path.is_dir():
+            raise ConfigError(f"resume={err}") from None
+        if not is_comparison_dir(path):
+            raise ConfigError(
+                f"resume={err}. (To continue a single killed run, use python -m moe_lab.train "
+                "resume=RUN_DIR.)"
+            ) from None
+        raise ConfigError(f"resume={comparison_dir}: {err}") from None
+    if not has_study_db(path):
+        raise ConfigError(f"resume={comparison_dir}: {path / STUDY_DB} is missing")
+    return record
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """A run's summary as it stands, or None when it has none (or an unreadable one)."""
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _try_exclusive_lock(handle: Any) -> bool:
+    """Take an exclusive ``flock`` on the open file without waiting; False if another process
+    holds any lock on it."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def hold_job_lock(comparison_dir: str | Path) -> Iterator[None]:
+    """Hold the comparison's jobs lock (shared) while a trial or final run runs."""
+    path = Path(comparison_dir) / JOBS_LOCK
+    if not path.parent.is_dir():
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _take_lock(comparison_dir: Path) -> IO[str]:
+    """One comparison process per dir, and none while jobs of a killed one still run.
+
+    Killing only the comparison's process leaves its parallel workers running their jobs
+    (joblib's workers outlive it); resuming then would run the same trial twice in one dir, so it
+    is refused until they have ended. Returns the open lock file, to be held until exit.
+    """
+    handle = open(comparison_dir / LOCK, "a+")  # noqa: SIM115  (held until exit)
+    busy = None
+    if not _try_exclusive_lock(handle):
+        busy = (
+            f"{comparison_dir} is in use by another running comparison; wait for it to end, or "
+            "stop it, before resuming"
+        )
+    else:
+        with open(comparison_dir / JOBS_LOCK, "a+") as jobs:
+            if not _try_exclusive_lock(jobs):
+                busy = (
+                    f"jobs of the stopped comparison in {comparison_dir} are still running (its "
+                    "parallel workers outlive a killed comparison process); wait for them to "
+                    "end or stop them (e.g. kill its whole process group), then resume"
+                )
+            else:
+                fcntl.flock(jobs, fcntl.LOCK_UN)
+    if busy is not None:
+        handle.close()
+        raise ConfigError(busy)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+class ComparisonStore:
+    """An open comparison dir, locked by this process (:func:`open_store` makes one)."""
+
+    def __init__(self, path: Path, lock: IO[str]) -> None:
+        self.path = path
+        self._lock = lock
+
+    def relative(self, path: Path) -> str:
+        """``path`` below the comparison dir, as the record and the log write it."""
+        return path.relative_to(self.path).as_posix()
+
+    def log(self, message: str) -> None:
+        append_log(self.path, message)
+
+    def add_session(self, started: str, wall_time_s: float, resumed: bool) -> None:
+        """One line per session (a resumed comparison has several): the report sums them."""
+        append_session(self.path, Session(started, round(wall_time_s, 1), resumed))
+
+    def studies(self, arms: Iterable[str]) -> dict[str, optuna.Study]:
+        """One study per arm (named after it) in the dir's storage, created on first use."""
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return {
+            name: optuna.create_study(
+                storage=study_storage(self.path),
+                study_name=name,
+                direction="maximize",
+                load_if_exists=True,
+            )
+            for name in arms
+        }
+
+    def set_aside(self, run_dir: Path) -> None:
+        """Move a killed run's leftovers out of the way before it starts over (kept, not lost)."""
+        if not run_dir.exists() or not any(run_dir.iterdir()):
+            return
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+        target = run_dir.parent / KILLED_DIR / f"{run_dir.name}_{stamp}_{os.getpid()}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(run_dir), str(target))
+        self.log(f"set aside the leftovers of {self.relative(run_dir)} in {target}")
+
+
+def open_store(settings: CompareSettings, config: DictConfig, command: str) -> ComparisonStore:
+    """The comparison dir, locked: the one ``settings.resume`` names, after checking that it was
+    started with the same settings, or else a new one in ``compare.dir`` with its record.
+
+    Points ``hydra.sweep.dir`` of ``config`` at the dir: the launchers create it, and the report
+    callback reads it.
+
+    Raises:
+        ConfigError: the dir cannot be resumed (not a comparison, other settings, in use) or
+            already holds a comparison.
+    """
+    resume = settings.resume
+    if resume is not None:
+        record = read_marker(resume)
+        differing = settings.differences(record.settings)
+        if differing:
+            now = settings.to_record()
+            details = "; ".join(
+                f"{key}: started with {record.settings.get(key)!r}, now {now[key]!r}"
+                for key in differing
+            )
+            raise ConfigError(
+                f"resume={resume}: the comparison was started with different settings "
+                f"({details}). Repeat the original command with resume= added: "
+                f"{record.command}"
+            )
+        path = resume
+    else:
+        path = Path(str(OmegaConf.select(config, "compare.dir"))).expanduser().resolve()
+        if (path / MARKER).exists():
+            raise ConfigError(f"{path} already holds a comparison; resume it with resume=")
+    path.mkdir(parents=True, exist_ok=True)
+    store = ComparisonStore(path, _take_lock(path))
+    with read_write(config), open_dict(config):
+        config.hydra.sweep.dir = str(path)
+    if resume is None:
+        record = ComparisonRecord(
+            settings=json.loads(json.dumps(settings.to_record())),
+            experiment=config.get("experiment_name"),
+            command=command,
+            baseline=settings.baseline,
+        )
+        write_record(path, record)
+        atomic_write_text(path / MULTIRUN_FILE, OmegaConf.to_yaml(config))
+    return store
