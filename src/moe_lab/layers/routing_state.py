@@ -129,7 +129,8 @@ class RoutingState:
         its own) over the N samples of the batch, then averaged over groups:
 
         - ``importance``: ``cv^2`` of the experts' summed gates (Shazeer et al. 2017);
-          ``cv^2 = var / mean^2`` over experts (population variance); 0 when balanced.
+          ``cv^2 = var / mean^2`` over experts (population variance); 0 when balanced. The gates
+          are those the experts were mixed with: 0 for assignments a capacity limit dropped.
         - ``load``: ``cv^2`` of the experts' load. With noise applied (``noisy_gating`` in
           training) and ``k < K``, the smooth estimator of Shazeer et al.: the summed
           probability that an expert stays kept when its noise is redrawn (differentiable).
