@@ -429,6 +429,15 @@ def test_aux_free_updates_only_in_training_forwards_and_is_saved() -> None:
     assert torch.equal(restored.balance_bias, layer.balance_bias)
     assert "balance='aux_free', balance_rate=0.05" in repr(layer)
     assert "balance_bias" not in DenseMoE(4, 3, 4, top_k=1).state_dict()
+    # low-precision casts leave the bias' small steps alone; float64 and device moves apply
+    steps = layer.balance_bias.clone()
+    layer.to(torch.bfloat16)
+    assert torch.equal(layer.balance_bias, steps) and steps.dtype == F64
+    assert layer.expert_kernel.dtype == torch.bfloat16
+    single = DenseMoE(4, 3, 4, top_k=1, balance="aux_free")
+    assert single.balance_bias.dtype == torch.float32
+    assert single.half().balance_bias.dtype == torch.float32
+    assert single.double().balance_bias.dtype == F64
 
 
 def test_aux_free_conv_groups() -> None:
@@ -722,3 +731,15 @@ def test_load_keras_weights_refuses_variants_without_a_counterpart() -> None:
     donor = DenseMoE(4, 3, 2)
     load_keras_weights(layer, {n: p.detach() for n, p in donor.named_parameters()})
     assert torch.equal(layer.expert_kernel, donor.expert_kernel)
+
+
+@pytest.mark.parametrize("backend", ["channels", "kernel_mix"])
+def test_all_variants_channels_last_data_format(backend) -> None:
+    options = {**ALL_VARIANTS, "expert_backend": backend}
+    first = Conv2dMoE(2, 4, 3, 3, (5, 4), padding="same", **options).double().eval()
+    last = Conv2dMoE(
+        2, 4, 3, 3, (5, 4), padding="same", data_format="channels_last", **options
+    ).double().eval()  # fmt: skip
+    last.load_state_dict(first.state_dict())
+    x = torch.randn(3, 2, 5, 4, dtype=F64)
+    torch.testing.assert_close(last(x.movedim(1, -1).contiguous()), first(x).movedim(1, -1))

@@ -12,7 +12,7 @@ The rest of the shared machinery lives in its own module: how the subclasses tak
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TypedDict
 
 import torch
@@ -381,6 +381,21 @@ class MoEBase(RoutingState, DropsForwardState, nn.Module):
 
     def reset_parameters(self) -> None:
         raise NotImplementedError
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MoEBase:
+        # layer.half() / .to(torch.bfloat16) would round the balance bias' small steps away:
+        # it follows device moves and float64, and stays float32 below that
+        bias = self.__dict__.get("_buffers", {}).get("balance_bias")
+        if bias is None:
+            return super()._apply(fn, recurse)
+
+        def keep_precision(t: Tensor) -> Tensor:
+            applied = fn(t)
+            if t is bias and applied.dtype in (torch.float16, torch.bfloat16):
+                return t.to(applied.device)  # unrounded
+            return applied
+
+        return super()._apply(keep_precision, recurse)
 
     def _reset_biases(self) -> None:
         """Biases from their initializers (the shared experts' from the expert bias'); the
