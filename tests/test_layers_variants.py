@@ -743,3 +743,16 @@ def test_all_variants_channels_last_data_format(backend) -> None:
     last.load_state_dict(first.state_dict())
     x = torch.randn(3, 2, 5, 4, dtype=F64)
     torch.testing.assert_close(last(x.movedim(1, -1).contiguous()), first(x).movedim(1, -1))
+
+
+@pytest.mark.parametrize("n_experts", [3, 9])  # K <= 8k: the groups' GEMMs; beyond: gathers
+def test_gate_groups_top_k_kernel_mix_both_mixes(n_experts) -> None:
+    torch.manual_seed(22)
+    layer = Conv1dMoE(2, 4, n_experts, 3, 7, top_k=1, gate_groups=2, expert_backend="kernel_mix")
+    layer = layer.double()
+    randomize(layer)
+    x = torch.randn(3, 2, 7, dtype=F64)
+    gates, _ = ref_gates(layer, conv_features(layer, x))
+    torch.testing.assert_close(layer(x), ref_conv(layer, x, gates))
+    if n_experts == 3:
+        _gradcheck(layer, x)

@@ -440,14 +440,10 @@ class _ConvNdMoE(MoEBase):
         """CondConv: each sample's kernel per filter is the gate-weighted sum of its experts'
         (all K for dense gates, the kept k for top-k), and so is its bias; then ONE grouped
         convolution. Exact for linear experts only (checked at construction / by ``auto``).
-        ``gates``, ``index`` ``(B, G, k)``: dense gates mix by one GEMM per gate group."""
-        rows = None
-        if index is not None:
-            gates = self._per_filter(gates)
-            rows = dispatch.kept_rows(self._per_filter(index), self.n_experts)
+        ``gates``, ``index`` ``(B, G, k)`` (see :func:`~moe_lab.layers.dispatch.mix_routed`)."""
         buffer = None if torch.compiler.is_compiling() else self._mixed_kernels
-        weight, bias = dispatch.mix_kernels(
-            gates, self.expert_kernel, self.expert_bias, rows, buffer
+        weight, bias = dispatch.mix_routed(
+            gates, index, self.n_experts, self.expert_kernel, self.expert_bias, buffer
         )
         return dispatch.grouped_conv(self._grouped(pads), x, weight, bias)
 
