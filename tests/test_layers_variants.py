@@ -535,17 +535,20 @@ def test_capacity_compiles_with_fullgraph() -> None:
         2, 4, 3, 3, (5, 5), top_k=2, capacity_factor=0.75, gate_groups=2, padding="same",
         expert_backend="kernel_mix",
     ).eval()  # fmt: skip
-    for layer, x in ((dense, torch.randn(9, 4)), (conv, torch.randn(6, 2, 5, 5))):
+    cond = Conv2dMoE(2, 4, 3, 3, None, gate_input="pooled", gate_groups=1,
+                     expert_backend="kernel_mix").eval()  # fmt: skip
+    cases = [(dense, torch.randn(9, 4)), (conv, torch.randn(6, 2, 5, 5))]
+    for layer, x in [*cases, (cond, torch.randn(5, 2, 6, 6))]:
         expected = layer(x)
         dropped = layer.routing_stats()["dropped"]
-        compiled = torch.compile(layer, fullgraph=True)
+        compiled = torch.compile(layer, fullgraph=True, dynamic=False)
         torch.testing.assert_close(compiled(x), expected)
         torch.testing.assert_close(layer.routing_stats()["dropped"], dropped)
     # a compiled training forward moves the balance bias as an eager one does
     eager = copy.deepcopy(dense).train()
     dense.train()
     x = torch.randn(9, 4)
-    torch.testing.assert_close(torch.compile(dense, fullgraph=True)(x), eager(x))
+    torch.testing.assert_close(torch.compile(dense, fullgraph=True, dynamic=False)(x), eager(x))
     assert torch.count_nonzero(dense.balance_bias) > 0
     torch.testing.assert_close(dense.balance_bias, eager.balance_bias)
 

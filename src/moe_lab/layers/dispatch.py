@@ -259,7 +259,11 @@ def mix_kernels(
         per_gate = filters // groups
         # (G, K, F/G * C*prod(ks)): gate group g's experts, expert-major; a view for G = F
         kernels = expert_kernel.reshape(groups, per_gate, k, -1).transpose(1, 2)
-        mixed = _MixAllKernels.apply(gates, kernels.reshape(groups, k, -1), buffer)
+        kernels = kernels.reshape(groups, k, -1)
+        if torch.compiler.is_compiling():  # dynamo cannot trace the strided out= GEMM
+            mixed = torch.einsum("bgk,gkw->bgw", gates, kernels)
+        else:
+            mixed = _MixAllKernels.apply(gates, kernels, buffer)
         bias = None
         if expert_bias is not None and per_gate == 1:
             bias = (gates * expert_bias).sum(-1)
