@@ -7,7 +7,9 @@
 Every layer is the original's dense (soft) mixture by default; ``top_k`` routes each sample (and
 filter) to its k best experts and computes only those, ``noisy_gating`` adds Shazeer et al.'s
 learned noise, and ``aux_losses()`` / ``routing_stats()`` read the last forward's routing
-(see :mod:`moe_lab.layers.routing`).
+(see :mod:`moe_lab.layers.routing`). The variant keywords (``gate_groups``, ``gate_hidden``,
+``gate_temperature``, ``balance``, ``capacity_factor``, ``n_shared_experts``; see
+:class:`MoEBase`) are off by default.
 
 Porting from the original Keras layers: :func:`load_keras_weights` maps their trained weights
 onto a layer; conv layers take ``data_format="channels_last"`` for the original's input layout.

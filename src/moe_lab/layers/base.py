@@ -12,13 +12,14 @@ The rest of the shared machinery lives in its own module: how the subclasses tak
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
 
-from . import routing
+from . import checks, routing
+from .checks import check_positive_int, check_scale
 from .options import (
     ActivationSpec,
     ConstraintSpec,
@@ -33,29 +34,12 @@ from .options import (
     scalar_penalty,
 )
 from .pickling import DropsForwardState
-from .precision import gate_dtype
 from .routing import EXPERT_BACKENDS, GATE_INPUTS, RoutingRecord
 from .routing_state import RoutingState
 
 #: The weights, by the original's names, in the order of Keras' ``get_weights()``.
 PARAM_NAMES = ("expert_kernel", "gating_kernel", "expert_bias", "gating_bias")
 BIAS_NAMES = ("expert_bias", "gating_bias")
-
-
-def check_positive_int(value: object, argname: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{argname} must be a positive integer, got {value!r}")
-    return value
-
-
-def check_scale(value: object, argname: str) -> float:
-    try:
-        scale = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"{argname} must be a non-negative number, got {value!r}") from None
-    if not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"{argname} must be a finite number >= 0, got {value!r}")
-    return scale
 
 
 class MoEOptions(TypedDict, total=False):
@@ -87,6 +71,13 @@ class MoEOptions(TypedDict, total=False):
     expert_backend: str
     device: torch.device | str | None
     dtype: torch.dtype | None
+    gate_groups: int | None
+    gate_hidden: int | None
+    gate_temperature: float
+    balance: str | None
+    balance_rate: float
+    capacity_factor: float | None
+    n_shared_experts: int
 
 
 class MoEBase(RoutingState, DropsForwardState, nn.Module):
@@ -147,9 +138,43 @@ class MoEBase(RoutingState, DropsForwardState, nn.Module):
 
         device, dtype: where and in which dtype the parameters are created (as ``nn.Linear``'s
             factory keywords); default: torch's default device and dtype.
+        gate_groups: how many gates G a conv layer computes per sample: None (the original's)
+            one per output filter; 1 one for the whole layer (CondConv / DynamicConv: a routing
+            weight per expert, shared by every filter); g: filter f uses gate
+            ``f // (out_channels / g)`` (g must divide ``out_channels``). The gating kernel and
+            bias then produce ``G * K`` logits. The dense layer has one gate: None or 1 only.
+        gate_hidden: None, or the width H of a hidden ReLU layer in the gate (DynamicConv's
+            FC -> ReLU -> FC): ``logits = relu(features @ gating_hidden_kernel +
+            gating_hidden_bias) @ gating_kernel + gating_bias``. Creates ``gating_hidden_kernel``
+            (the gate input's layout with H last: dense ``(in, H)``, conv ``(C, *input_size, H)``
+            or ``(C, H)`` pooled) and ``gating_hidden_bias (H,)`` (with ``use_gating_bias``);
+            the gating and noise kernels then read H features: ``(H, K)`` / ``(H, G, K)``.
+        gate_temperature: tau > 0; ``gates = gating_activation(logits / tau)`` (the noisy logits
+            too). A plain attribute, validated when set, that may change between steps (a
+            schedule); the recorded logits (``aux_losses()``) are the divided ones.
+        balance: None, or ``"aux_free"`` (top-k only): DeepSeek-V3's loss-free balancing (see
+            :mod:`~moe_lab.layers.balance`). A persistent buffer ``balance_bias (G, K)`` (saved
+            with the state dict, zero at init) is added to the logits only to choose the kept
+            experts; the kept gates stay the unbiased ones. Updated by training forwards only
+            (``module.training`` and grad enabled): ``b += balance_rate * sign(mean(load) -
+            load)`` per gate group. With ``top_k == n_experts`` it changes nothing.
+        balance_rate: the bias' step (>= 0; 0 freezes it); read only with ``balance``.
+        capacity_factor: None, or cf > 0 (top-k only): each expert of a gate group takes at
+            most ``ceil(cf * N * k / K)`` of a batch's N (sample, group) pairs' assignments, in
+            gate order (highest gate first; ties in sample order), the rest are dropped: they
+            contribute nothing, and the sample's other gates are not renormalised (see
+            :mod:`~moe_lab.layers.capacity`). Static shapes (``torch.compile(fullgraph=True)``);
+            ``routing_stats()["dropped"]`` is the dropped fraction. The dense layer runs only
+            the kept assignments; the conv layers compute the dropped ones with a zero gate.
+        n_shared_experts: S >= 0 always-on experts added to the routed mixture with weight 1:
+            ``y = mixture + sum_s f(shared_s(x))``. Parameters ``shared_expert_kernel`` (dense
+            ``(in, out, S)``, conv ``(out*S, C, *kernel_size)``, row ``f*S + s`` is shared expert
+            s of filter f) and ``shared_expert_bias (out, S)`` (with ``use_expert_bias``),
+            initialised as the routed experts' kernel and bias.
 
     Regularizers and constraints given for a disabled bias are ignored (as in Keras, where the
-    weight does not exist).
+    weight does not exist). They act on the four weights of the original only: the gate's hidden
+    layer and the shared experts are neither penalised nor constrained.
 
     After each forward the layer keeps a record of its routing (references to the gate logits and
     gates, no extra work), read by :attr:`last_gates`, :meth:`aux_losses` and
@@ -163,6 +188,11 @@ class MoEBase(RoutingState, DropsForwardState, nn.Module):
     gating_kernel: nn.Parameter
     expert_bias: nn.Parameter | None
     gating_bias: nn.Parameter | None
+    gating_hidden_kernel: nn.Parameter | None
+    gating_hidden_bias: nn.Parameter | None
+    shared_expert_kernel: nn.Parameter | None
+    shared_expert_bias: nn.Parameter | None
+    balance_bias: Tensor | None
     #: tensors of the last forward, left out when the layer is pickled or copied
     _forward_state = ("_routing", "_activity_penalty")
 
@@ -193,6 +223,13 @@ class MoEBase(RoutingState, DropsForwardState, nn.Module):
         expert_backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        gate_groups: int | None = None,
+        gate_hidden: int | None = None,
+        gate_temperature: float = 1.0,
+        balance: str | None = None,
+        balance_rate: float = 1e-3,
+        capacity_factor: float | None = None,
+        n_shared_experts: int = 0,
     ) -> None:
         super().__init__()
         # the Keras-style options below are resolved by keyword name (see resolve_per_weight)
@@ -200,7 +237,7 @@ class MoEBase(RoutingState, DropsForwardState, nn.Module):
         # as nn.Linear's factory keywords: where and in which dtype the parameters are created
         self._factory: dict[str, object] = {"device": device, "dtype": dtype}
         self.n_experts = check_positive_int(n_experts, "n_experts")
-        self.top_k = _check_top_k(top_k, self.n_experts)
+        self.top_k = checks.check_top_k(top_k, self.n_experts)
         if self.top_k is not None and gating_activation is None:
             gating_activation = "softmax"  # top-k gates are a softmax over the kept logits
         self.expert_activation = resolve_activation(expert_activation, "expert_activation")
@@ -221,9 +258,11 @@ class MoEBase(RoutingState, DropsForwardState, nn.Module):
             self.noisy_gating = noisy_gating
         else:
             raise ValueError(f"noisy_gating must be True or False, got {noisy_gating!r}")
-        self.gate_input = _check_choice(gate_input, GATE_INPUTS, "gate_input", _GATE_INPUT_HELP)
-        self.expert_backend = _check_choice(
-            expert_backend, EXPERT_BACKENDS, "expert_backend", _BACKEND_HELP
+        self.gate_input = checks.check_choice(
+            gate_input, GATE_INPUTS, "gate_input", checks.GATE_INPUT_HELP
+        )
+        self.expert_backend = checks.check_choice(
+            expert_backend, EXPERT_BACKENDS, "expert_backend", checks.BACKEND_HELP
         )
         if self.expert_backend == "kernel_mix" and not self.expert_activation.is_identity:
             raise ValueError(
@@ -252,8 +291,31 @@ class MoEBase(RoutingState, DropsForwardState, nn.Module):
         self._activity_regularizer = resolve_regularizer(
             activity_regularizer, "activity_regularizer"
         )
+        self.gate_groups = checks.check_optional_positive_int(
+            gate_groups, "gate_groups", "one gate per filter"
+        )
+        self.gate_hidden = checks.check_optional_positive_int(
+            gate_hidden, "gate_hidden", "no hidden layer"
+        )
+        self.gate_temperature = gate_temperature  # validated by the property
+        self.balance, self.balance_rate = checks.check_balance(balance, balance_rate, self.top_k)
+        self.capacity_factor = checks.check_capacity(
+            capacity_factor, self.top_k, self.expert_activation.is_softmax
+        )
+        self.n_shared_experts = checks.check_shared_experts(
+            n_shared_experts, self.expert_activation.is_softmax
+        )
         self._routing: RoutingRecord | None = None
         self._activity_penalty: Tensor | None = None
+
+    @property
+    def gate_temperature(self) -> float:
+        """tau of ``gates = activation(logits / tau)``; settable between steps (checked > 0)."""
+        return self._gate_temperature
+
+    @gate_temperature.setter
+    def gate_temperature(self, value: float) -> None:
+        self._gate_temperature = checks.check_temperature(value)
 
     @property
     def is_sparse(self) -> bool:
@@ -269,18 +331,48 @@ class MoEBase(RoutingState, DropsForwardState, nn.Module):
 
     # -- parameters ----------------------------------------------------------------------------
 
+    def _make_gate(self, input_shape: tuple[int, ...], logits_shape: tuple[int, ...]) -> None:
+        """Create ``gating_kernel (*input_shape, *logits_shape)``, or with ``gate_hidden`` H
+        ``gating_hidden_kernel (*input_shape, H)`` and ``gating_kernel (H, *logits_shape)``."""
+        hidden = None
+        if self.gate_hidden is not None:
+            hidden = nn.Parameter(torch.empty(*input_shape, self.gate_hidden, **self._factory))
+            input_shape = (self.gate_hidden,)
+        self.register_parameter("gating_hidden_kernel", hidden)
+        self.gating_kernel = nn.Parameter(torch.empty(*input_shape, *logits_shape, **self._factory))
+
     def _finish_init(
-        self, expert_bias_shape: tuple[int, ...], gating_bias_shape: tuple[int, ...]
+        self,
+        expert_bias_shape: tuple[int, ...],
+        gating_bias_shape: tuple[int, ...],
+        shared_kernel_shape: tuple[int, ...] = (),
     ) -> None:
-        """Create the biases (or register them as None, as nn.Linear does), check explicit
-        constraint axes against the parameter ranks, and draw the initial weights. Subclasses call
-        it once their two kernels exist."""
+        """Create the biases (or register them as None, as nn.Linear does), the shared experts
+        (``shared_kernel_shape``, used with ``n_shared_experts``), the gate's hidden bias and the
+        balance bias, check explicit constraint axes against the parameter ranks, and draw the
+        initial weights. Subclasses call it once their expert kernel and gate
+        (:meth:`_make_gate`) exist."""
+        out = expert_bias_shape[0]
+        shared, hidden = self.n_shared_experts, self.gate_hidden
         for name, shape, used in (
             ("expert_bias", expert_bias_shape, self.use_expert_bias),
             ("gating_bias", gating_bias_shape, self.use_gating_bias),
+            ("shared_expert_kernel", shared_kernel_shape, shared > 0),
+            ("shared_expert_bias", (out, shared), shared > 0 and self.use_expert_bias),
+            ("gating_hidden_bias", (hidden,), hidden is not None and self.use_gating_bias),
         ):
             param = nn.Parameter(torch.empty(shape, **self._factory)) if used else None
             self.register_parameter(name, param)
+        balance_bias = None
+        if self.balance is not None:
+            # float32 (float64 for float64 layers): the updates are small steps on a sum that
+            # a bfloat16 bias would round away
+            dtype = torch.float64 if self._factory["dtype"] == torch.float64 else torch.float32
+            groups = math.prod(gating_bias_shape) // self.n_experts  # G; 1 for (K,)
+            balance_bias = torch.empty(
+                groups, self.n_experts, device=self._factory["device"], dtype=dtype
+            )
+        self.register_buffer("balance_bias", balance_bias, persistent=True)
         noise = nn.Parameter(torch.empty_like(self.gating_kernel)) if self.noisy_gating else None
         self.register_parameter("noise_kernel", noise)
         for name, param in self.named_moe_parameters():
@@ -290,15 +382,34 @@ class MoEBase(RoutingState, DropsForwardState, nn.Module):
     def reset_parameters(self) -> None:
         raise NotImplementedError
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MoEBase:
+        # layer.half() / .to(torch.bfloat16) would round the balance bias' small steps away:
+        # it follows device moves and float64, and stays float32 below that
+        bias = self.__dict__.get("_buffers", {}).get("balance_bias")
+        if bias is None:
+            return super()._apply(fn, recurse)
+
+        def keep_precision(t: Tensor) -> Tensor:
+            applied = fn(t)
+            if t is bias and applied.dtype in (torch.float16, torch.bfloat16):
+                return t.to(applied.device)  # unrounded
+            return applied
+
+        return super()._apply(keep_precision, recurse)
+
     def _reset_biases(self) -> None:
-        """Biases from their initializers; the noise kernel (if any) to zero."""
+        """Biases from their initializers (the shared experts' from the expert bias'); the
+        noise kernel, the gate's hidden bias and the balance bias (if any) to zero."""
         with torch.no_grad():
             for name, init in self._bias_initializers.items():
                 param = getattr(self, name)
                 if param is not None:
                     init(param)
-            if self.noise_kernel is not None:
-                self.noise_kernel.zero_()
+            if self.shared_expert_bias is not None:
+                self._bias_initializers["expert_bias"](self.shared_expert_bias)
+            for zero in (self.noise_kernel, self.gating_hidden_bias, self.balance_bias):
+                if zero is not None:
+                    zero.zero_()
 
     def named_moe_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name in PARAM_NAMES:
@@ -311,33 +422,6 @@ class MoEBase(RoutingState, DropsForwardState, nn.Module):
         axes (the dense kernels' ``in`` axis 0 here; conv layers override), and axis 0 of a bias
         (Keras' default axis)."""
         return (0,)
-
-    # -- gate ----------------------------------------------------------------------------------
-
-    def _route(self, features: Tensor, mix_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-        """Gate features ``(N, F)`` -> gates ``(N, G, k)`` and the kept experts ``(N, G, k)``
-        (None when every expert is kept, in order), by :func:`~moe_lab.layers.routing.route`.
-
-        ``F`` is the gating kernel's leading size (``in_features``; ``C * prod(input_size)`` for
-        full conv gates; ``C`` for pooled ones) and ``G * K`` its trailing one. The gates come
-        back in float32 (float64 for float64 layers). Records the routing (see the class
-        docstring).
-        """
-        noisy = self.noisy_gating and self.training
-        logits, routed, noise_std, gates, index = routing.route(
-            features,
-            self.gating_kernel,
-            self.gating_bias,
-            self.noise_kernel if noisy else None,
-            n_experts=self.n_experts,
-            top_k=self.top_k,
-            gating_activation=self.gating_activation,
-            dtype=gate_dtype(features, self.gating_kernel),
-        )
-        self._keep_routing(
-            RoutingRecord(logits, routed, noise_std, gates, index, self.top_k, mix_dtype)
-        )
-        return gates, index
 
     # -- penalties and constraints ---------------------------------------------------------------
 
@@ -390,6 +474,7 @@ class MoEBase(RoutingState, DropsForwardState, nn.Module):
             parts.append(f"top_k={self.top_k}")
         if self.noisy_gating:
             parts.append("noisy_gating=True")
+        parts.extend(checks.variants_repr(self))
         regs = [n for n, r in self._regularizers.items() if r is not None]
         if regs:
             parts.append(f"regularized={regs}")
@@ -397,30 +482,3 @@ class MoEBase(RoutingState, DropsForwardState, nn.Module):
         if cons:
             parts.append(f"constrained={cons}")
         return ", ".join(parts)
-
-
-_GATE_INPUT_HELP = (
-    "'full' (the original's gate, from the whole input volume) or 'pooled' (from the globally "
-    "average-pooled channels)"
-)
-_BACKEND_HELP = (
-    "'auto' (pick the faster exact one), 'channels' (the original's: every kept expert's output, "
-    "then mix) or 'kernel_mix' (mix the kernels, then one convolution; linear experts only)"
-)
-
-
-def _check_top_k(top_k: object, n_experts: int) -> int | None:
-    if top_k is None:
-        return None
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
-        raise ValueError(
-            f"top_k must be None (the dense mixture) or an integer in [1, n_experts={n_experts}], "
-            f"got {top_k!r}"
-        )
-    return top_k
-
-
-def _check_choice(value: object, choices: tuple[str, ...], argname: str, help_text: str) -> str:
-    if not isinstance(value, str) or value.lower() not in choices:
-        raise ValueError(f"{argname} must be {help_text}, got {value!r}")
-    return value.lower()

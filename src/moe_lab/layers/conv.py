@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from . import dispatch, routing
 from .base import MoEBase, MoEOptions, check_positive_int
+from .checks import resolve_gate_groups
 from .keywords import rejects_original_keywords, takes_keywords_of
 from .padding import PaddingSpec, SizeSpec, as_tuple, check_padding, output_size, pad_amounts
 from .precision import check_input_dtype, gate_dtype, mix_dtype
@@ -96,10 +97,20 @@ class _ConvNdMoE(MoEBase):
         ``(B, out_channels, *output_size)``; with ``data_format="channels_last"``
         ``(B, *input_size, C) -> (B, *output_size, out_channels)``.
 
+    Gate groups (``gate_groups``): G gates per sample instead of one per filter; filter f uses
+    gate ``f // (out / G)``. With ``G == 1`` and dense gates, ``"kernel_mix"`` mixes every filter's
+    kernels with ONE GEMM, ``gates (B, K) @ experts (K, out * C * prod(kernel_size))`` (as
+    timm's CondConv2d), and in general one GEMM per gate group.
+
     Parameters:
-        ``expert_kernel (out*K, C, *kernel_size)``, ``gating_kernel (C, *input_size, out, K)``
-        (``(C, out, K)`` when pooled), ``expert_bias (out, K)`` or None, ``gating_bias (out, K)``
-        or None; with ``noisy_gating`` also ``noise_kernel`` (the gating kernel's shape).
+        ``expert_kernel (out*K, C, *kernel_size)``, ``gating_kernel (C, *input_size, G, K)``
+        (``(C, G, K)`` when pooled; ``G = out`` unless ``gate_groups``), ``expert_bias (out, K)``
+        or None, ``gating_bias (G, K)`` or None; with ``noisy_gating`` also ``noise_kernel``
+        (the gating kernel's shape). With ``gate_hidden`` H: ``gating_hidden_kernel
+        (C, *input_size, H)`` (``(C, H)`` pooled), ``gating_hidden_bias (H,)`` and
+        ``gating_kernel (H, G, K)``. With ``n_shared_experts`` S: ``shared_expert_kernel
+        (out*S, C, *kernel_size)`` (row ``f*S + s`` is shared expert s of filter f) and
+        ``shared_expert_bias (out, S)``. With ``balance``: the buffer ``balance_bias (G, K)``.
     """
 
     ndim: int
@@ -150,12 +161,18 @@ class _ConvNdMoE(MoEBase):
             self._pads, self.output_size = self._geometry(self.input_size)
 
         k, out = self.n_experts, self.out_channels
+        #: gates per sample, G (filter f uses gate f // (out / G))
+        self.n_gates = resolve_gate_groups(self.gate_groups, out)
         self.expert_kernel = nn.Parameter(
             torch.empty(out * k, in_channels, *self.kernel_size, **self._factory)
         )
         gate_in = (in_channels,) if self.gate_input == "pooled" else (in_channels, *self.input_size)
-        self.gating_kernel = nn.Parameter(torch.empty(*gate_in, out, k, **self._factory))
-        self._finish_init(expert_bias_shape=(out, k), gating_bias_shape=(out, k))
+        self._make_gate(gate_in, (self.n_gates, k))
+        self._finish_init(
+            expert_bias_shape=(out, k),
+            gating_bias_shape=(self.n_gates, k),
+            shared_kernel_shape=(out * self.n_shared_experts, in_channels, *self.kernel_size),
+        )
         # the dense epilogue's backward writes a (B, out*K, *S') gradient each step: keep it
         self._epilogue_grad = dispatch.ReusableBuffer()
         # CondConv's per-sample kernels, (B, out, C * prod(kernel_size)), made each step
@@ -182,33 +199,45 @@ class _ConvNdMoE(MoEBase):
     def reset_parameters(self) -> None:
         """The original's init: normal kernels, std ``s / sqrt(fan_in)``, with the gate's fan-in the
         whole input volume (the C pooled channels for ``gate_input="pooled"``). Biases from their
-        initializers; the noise kernel zero."""
+        initializers; the noise kernel zero.
+
+        The shared experts are drawn as the routed ones. With ``gate_hidden`` H the gate's output
+        layer has fan-in H, and its hidden layer is He-normal for its ReLU, std
+        ``sqrt(2 / fan_in)`` (fan-in the gate input's size), which keeps the hidden features'
+        scale near the input's, so the logits start as large as without the hidden layer."""
         fan_expert = self.in_channels * math.prod(self.kernel_size)
-        fan_gating = self.in_channels
+        fan_input = self.in_channels
         if self.gate_input == "full":
-            fan_gating *= math.prod(self.input_size)
+            fan_input *= math.prod(self.input_size)
+        fan_gating = fan_input if self.gate_hidden is None else self.gate_hidden
         std_expert = self.expert_kernel_initializer_scale / math.sqrt(fan_expert)
         std_gating = self.gating_kernel_initializer_scale / math.sqrt(fan_gating)
         with torch.no_grad():
             self.expert_kernel.normal_(0.0, std_expert)
             self.gating_kernel.normal_(0.0, std_gating)
+            if self.shared_expert_kernel is not None:
+                self.shared_expert_kernel.normal_(0.0, std_expert)
+            if self.gating_hidden_kernel is not None:
+                self.gating_hidden_kernel.normal_(0.0, math.sqrt(2 / fan_input))
         self._reset_biases()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> _ConvNdMoE:
         # module.to(memory_format=torch.channels_last) converts every rank-4/5 tensor. The gating
         # kernel (C, *input_size, out, K) is rank 4 (1D layer) or 5 (2D layer) without being an
         # image, and converting it either fails (rank 5 + channels_last) or silently makes it
-        # non-contiguous. Hand it (and the noise kernel, of the same shape) to fn as a 2D view,
-        # so dtype/device changes still apply but no memory format does; the expert kernel is
-        # converted like nn.Conv's weight.
-        gating_shape = self.gating_kernel.shape
+        # non-contiguous. Hand it (and the noise kernel, of the same shape, and the gate's hidden
+        # kernel, (C, *input_size, H)) to fn as a 2D view, so dtype/device changes still apply
+        # but no memory format does; the expert kernels are converted like nn.Conv's weight.
+        gate_shapes = {self.gating_kernel.shape}
+        if self.gating_hidden_kernel is not None:
+            gate_shapes.add(self.gating_hidden_kernel.shape)
 
         def keep_gating_layout(t: Tensor) -> Tensor:
-            if t.shape != gating_shape:
+            if t.shape not in gate_shapes:
                 return fn(t)
-            flat = t.reshape(gating_shape[0], -1)
+            flat = t.reshape(t.shape[0], -1)
             flat_applied = fn(flat)
-            return t if flat_applied is flat else flat_applied.view(gating_shape)
+            return t if flat_applied is flat else flat_applied.view(t.shape)
 
         return super()._apply(keep_gating_layout, recurse)
 
@@ -301,22 +330,37 @@ class _ConvNdMoE(MoEBase):
             features = x.mean(dim=spatial_dims, dtype=gate_dtype(x, self.gating_kernel))  # (B, C)
         else:
             features = x.reshape(batch, math.prod(x.shape[1:]))  # (C, *input_size) order
-        gates, index = self._route(features, mix_dtype(x, self.expert_kernel))  # (B, out, k)
+        gates, index, _ = self._route(features, mix_dtype(x, self.expert_kernel))  # (B, G, k)
         backend = self.expert_backend_for(out_size, dense_gates=index is None)
         if batch == 0 or routing.in_functorch_transform(x, gates, self.expert_kernel):
             # Grouped convolutions need a batch, and data-dependent gathers cannot be vmapped:
             # the original's path with the gates of the experts not kept set to zero (same
             # values).
-            return self._mix_all(x, pads, routing.dense_gates(gates, index, self.n_experts))
-        if index is None and backend == "channels":
-            return self._mix_all(x, pads, gates)
-        if backend == "kernel_mix":
-            y = self._kernel_mix(x, pads, gates, index)
+            dense = routing.dense_gates(gates, index, self.n_experts)
+            y = self._mix_all(x, pads, self._per_filter(dense))
+        elif index is None and backend == "channels":
+            y = self._mix_all(x, pads, self._per_filter(gates))
         else:
-            y = self._mix_kept(x, pads, gates, index)
-        if _is_channels_last(x):  # the grouped convolution's output is plain contiguous
-            y = y.contiguous(memory_format=_channels_last_format(y))
+            if backend == "kernel_mix":
+                y = self._kernel_mix(x, pads, gates, index)
+            else:
+                y = self._mix_kept(x, pads, self._per_filter(gates), self._per_filter(index))
+            if _is_channels_last(x):  # the grouped convolution's output is plain contiguous
+                y = y.contiguous(memory_format=_channels_last_format(y))
+        if self.shared_expert_kernel is not None:  # in y's memory format (add keeps it)
+            y = y + self._shared(x, pads)
         return y
+
+    def _per_filter(self, t: Tensor) -> Tensor:  # (B, G, k) -> (B, out, k)
+        return dispatch.spread_to_filters(t, self.out_channels)
+
+    def _shared(self, x: Tensor, pads: tuple[tuple[int, int], ...]) -> Tensor:
+        """The shared experts, ``(B, C, *S) -> (B, out, *S')``: ``sum_s f(conv_{f,s}(x) + c)``,
+        one convolution with ``out * S`` output channels (channel ``f*S + s``)."""
+        kernel, bias = self.shared_expert_kernel, self.shared_expert_bias
+        hidden = self._conv(x, kernel, None if bias is None else bias.reshape(-1), pads)
+        hidden = hidden.unflatten(1, (self.out_channels, self.n_shared_experts))
+        return self.expert_activation(hidden, 2).sum(2)
 
     # -- expert paths ------------------------------------------------------------------------
 
@@ -395,11 +439,11 @@ class _ConvNdMoE(MoEBase):
     ) -> Tensor:
         """CondConv: each sample's kernel per filter is the gate-weighted sum of its experts'
         (all K for dense gates, the kept k for top-k), and so is its bias; then ONE grouped
-        convolution. Exact for linear experts only (checked at construction / by ``auto``)."""
-        rows = None if index is None else dispatch.kept_rows(index, self.n_experts)
+        convolution. Exact for linear experts only (checked at construction / by ``auto``).
+        ``gates``, ``index`` ``(B, G, k)`` (see :func:`~moe_lab.layers.dispatch.mix_routed`)."""
         buffer = None if torch.compiler.is_compiling() else self._mixed_kernels
-        weight, bias = dispatch.mix_kernels(
-            gates, self.expert_kernel, self.expert_bias, rows, buffer
+        weight, bias = dispatch.mix_routed(
+            gates, index, self.n_experts, self.expert_kernel, self.expert_bias, buffer
         )
         return dispatch.grouped_conv(self._grouped(pads), x, weight, bias)
 

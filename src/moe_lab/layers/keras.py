@@ -66,6 +66,7 @@ def load_keras_weights(
             f"data_format must be the original layer's, 'channels_last' or 'channels_first', "
             f"got {data_format!r}"
         )
+    _check_original_structure(layer)
     present = [name for name in PARAM_NAMES if getattr(layer, name) is not None]
     if isinstance(weights, Mapping):
         arrays = dict(weights)
@@ -101,6 +102,22 @@ def load_keras_weights(
             param = getattr(layer, name)
             param.copy_(value.to(dtype=param.dtype, device=param.device))
     return layer
+
+
+def _check_original_structure(layer: MoEBase) -> None:
+    """ValueError for a layer whose weights the original has no counterpart for."""
+    grouped = isinstance(layer, _ConvNdMoE) and layer.n_gates != layer.out_channels
+    extra = {
+        "gate_groups": grouped,
+        "gate_hidden": getattr(layer, "gate_hidden", None) is not None,
+        "n_shared_experts": bool(getattr(layer, "n_shared_experts", 0)),
+    }
+    used = [name for name, on in extra.items() if on]
+    if used:
+        raise ValueError(
+            f"the original layer has one gate per filter, no hidden gate layer and no shared "
+            f"experts; build the layer without {used} to load its weights"
+        )
 
 
 def _permutations(layer: MoEBase, data_format: str) -> dict[str, tuple[tuple[int, ...], Any]]:

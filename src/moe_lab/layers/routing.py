@@ -3,9 +3,9 @@ last forward, the auxiliary (load-balancing) losses and expert-usage statistics.
 dispatch (grouped matmul, grouped convolution) is in :mod:`moe_lab.layers.dispatch`. Imports
 torch only.
 
-Shapes: ``N`` samples, ``G`` gate groups (1 for the dense layer, ``out_channels`` for the conv
-layers: every filter routes on its own), ``K`` experts per group, ``k`` experts kept per
-(sample, group) pair.
+Shapes: ``N`` samples, ``G`` gate groups (1 for the dense layer; for the conv layers
+``out_channels`` by default, every filter routing on its own, or ``gate_groups``), ``K`` experts
+per group, ``k`` experts kept per (sample, group) pair.
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ EXPERT_BACKENDS: tuple[str, ...] = ("auto", "channels", "kernel_mix")
 #: Added to the learned noise std (Shazeer et al. 2017 use the same 1e-2): the smooth load
 #: estimator divides by the std, which must stay away from zero.
 NOISE_EPSILON = 1e-2
-_CV_EPSILON = 1e-10  # cv^2 = var / (mean^2 + eps): zero, not NaN, when nothing was routed
+_CV_EPSILON = 1e-10
+#: ``routing_stats()["dead"]`` of a layer that computes every expert: an expert whose mean share
+#: of the (normalised) gate mass is below ``DEAD_SHARE / K`` counts as dead
+DEAD_SHARE = 1e-3  # cv^2 = var / (mean^2 + eps): zero, not NaN, when nothing was routed
 
 
 class RoutingRecord(NamedTuple):
@@ -46,6 +49,9 @@ class RoutingRecord(NamedTuple):
     index: Tensor | None  # (N, G, k) the kept experts; None when every expert is kept, in order
     top_k: int | None  # the layer's top_k (None: dense mixture)
     gates_dtype: torch.dtype  # dtype the experts' outputs were mixed in (``last_gates``' dtype)
+    #: (N, G, k) bool, False for assignments dropped by ``capacity_factor``; None without capacity
+    #: (then ``gates`` are already zero where False)
+    kept: Tensor | None = None
 
 
 def in_functorch_transform(*tensors: Tensor) -> bool:
@@ -62,8 +68,13 @@ def in_functorch_transform(*tensors: Tensor) -> bool:
     return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-def select_top_k(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+def select_top_k(
+    logits: Tensor, top_k: int, selection_bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Keep the ``top_k`` largest logits of each row: ``(*, K) -> gates (*, k), index (*, k)``.
+
+    ``selection_bias`` (broadcast to ``logits``; DeepSeek-V3's loss-free balancing) is added to
+    the logits only to choose the kept experts: the gates are computed from the unbiased logits.
 
     - ``top_k >= 2``: the gates are the softmax over the kept logits (Shazeer et al. 2017); the
       softmax runs after the selection, so the gates sum to 1 and depend on every kept logit.
@@ -71,7 +82,11 @@ def select_top_k(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
       gradient from the task loss. The gate is instead the chosen expert's probability under the
       softmax over all K logits (Switch Transformer, Fedus et al. 2021), which does.
     """
-    kept, index = logits.topk(top_k, dim=-1)
+    if selection_bias is None:
+        kept, index = logits.topk(top_k, dim=-1)
+    else:
+        index = (logits + selection_bias).topk(top_k, dim=-1).indices
+        kept = logits.gather(-1, index)
     if top_k == 1:
         return torch.softmax(logits, dim=-1).gather(-1, index), index
     return torch.softmax(kept, dim=-1), index
@@ -87,18 +102,38 @@ def route(
     top_k: int | None,
     gating_activation: Callable[[Tensor, int], Tensor],
     dtype: torch.dtype,
+    hidden_kernel: Tensor | None = None,
+    hidden_bias: Tensor | None = None,
+    temperature: float = 1.0,
+    selection_bias: Tensor | None = None,
+    explicit_index: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
     """The router: gate features ``(N, F)`` -> ``(logits, routed_logits, noise_std, gates,
     index)``, each ``(N, G, K)`` but gates and index ``(N, G, k)`` (index None when every expert
-    is kept, in order: a dense mixture or ``top_k == n_experts``).
+    is kept, in order: a dense mixture or ``top_k == n_experts``, unless ``explicit_index``).
 
     ``F`` is the gating kernel's leading size and ``G * K`` its trailing one. ``noise_kernel``
     (given only in training with noisy gating) adds ``N(0, std^2)`` noise to the logits, ``std =
     softplus(features @ noise_kernel) + NOISE_EPSILON``. Runs in ``dtype`` with autocast off.
+
+    - ``hidden_kernel`` ``(F, H)`` (any shape with F leading elements) and ``hidden_bias``
+      ``(H,)``: a hidden layer first, ``features <- relu(features @ hidden_kernel + bias)``;
+      the gating (and noise) kernel then reads ``H`` features.
+    - ``temperature`` tau: the logits, the noisy logits and the noise std are divided by tau, so
+      ``gates = activation(logits / tau)``; the returned logits are the divided ones.
+    - ``selection_bias`` ``(G, K)``: added to the (divided) logits only to choose the top-k.
+    - ``explicit_index``: return the kept experts' index also for ``top_k == n_experts``
+      (every expert kept, sorted by logit), for capacity limits.
     """
     n, k = features.shape[0], n_experts
     with autocast_off(features.device.type):
         features = features.to(dtype)
+        if hidden_kernel is not None:
+            hidden = hidden_kernel.reshape(features.shape[1], -1).to(dtype)
+            if hidden_bias is None:
+                features = torch.relu(features @ hidden)
+            else:
+                features = torch.relu(torch.addmm(hidden_bias.to(dtype), features, hidden))
         kernel = gating_kernel.reshape(features.shape[1], -1).to(dtype)
         if gating_bias is None:
             logits = features @ kernel
@@ -111,13 +146,19 @@ def route(
             noise_kernel = noise_kernel.reshape(kernel.shape).to(dtype)
             noise_std = F.softplus(features @ noise_kernel).view_as(logits) + NOISE_EPSILON
             routed = logits + torch.randn_like(logits) * noise_std
+        if temperature != 1.0:  # skipped at 1: the default's results stay bit for bit
+            noisy = routed is not logits
+            logits = logits / temperature
+            routed = routed / temperature if noisy else logits
+            noise_std = None if noise_std is None else noise_std / temperature
         index = None
         if top_k is None:
             gates = gating_activation(routed, -1)
-        elif top_k == k:
+        elif top_k == k and not explicit_index:
             gates = torch.softmax(routed, dim=-1)
         else:
-            gates, index = select_top_k(routed, top_k)
+            bias = None if selection_bias is None else selection_bias.to(dtype)
+            gates, index = select_top_k(routed, top_k, bias)
     return logits, routed, noise_std, gates, index
 
 
@@ -213,7 +254,21 @@ def routing_stats(record: RoutingRecord, n_experts: int) -> dict[str, Tensor]:
     p = gates.clamp_min(0)
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
     entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
-    return {"importance": importance, "load": load, "entropy": entropy}
+    if record.index is not None:  # top-k: an expert (of a group) no pair chose is dead
+        dead = (expert_counts(record.index, n_experts) == 0).float().mean()
+    else:  # every expert computed: dead when its mean share of the gate mass is negligible
+        share = p.view(-1, record.logits.shape[1], n_experts).mean(0)  # (G, K)
+        dead = (share < DEAD_SHARE / n_experts).float().mean()
+    kept = record.kept
+    dropped = importance.new_zeros(()) if kept is None else 1.0 - kept.float().mean()
+    stats = {"importance": importance, "load": load, "entropy": entropy}
+    return {**stats, "dead": dead, "dropped": dropped}
+
+
+def expert_counts(index: Tensor, n_experts: int) -> Tensor:
+    """Kept experts ``(N, G, k)`` -> assignments per group and expert ``(G, K)`` (int64), with
+    static shapes (``torch.compile(fullgraph=True)`` traces it)."""
+    return F.one_hot(index, n_experts).sum((0, 2))
 
 
 def autocast_enabled(device: str) -> bool:
