@@ -71,8 +71,9 @@ def load_expert_usage(curves: pd.DataFrame) -> pd.DataFrame:
 
     One row per (run, epoch, layer, quantity, expert): ``run_name``, ``group``, ``data``,
     ``seed``, ``epoch`` (0-based), ``layer``, ``kind`` (``"importance"``: mean gate value of the
-    expert; ``"load"``: share of routed inputs; ``"entropy"``: gate entropy), ``expert`` (index k,
-    ``<NA>`` for entropy) and ``value``. Rows whose value is missing (non-MoE runs) are dropped.
+    expert; ``"load"``: share of routed inputs; ``"entropy"``: gate entropy; ``"dead"``: fraction
+    of unused experts; ``"dropped"``: fraction of assignments over capacity), ``expert`` (index k,
+    ``<NA>`` for the scalars) and ``value``. Rows whose value is missing (non-MoE runs) are dropped.
     """
     gate_columns = [c for c in curves.columns if isinstance(c, str) and GATE_COLUMN.match(c)]
     id_columns = [c for c in ("run_name", "group", "data", "seed", "epoch") if c in curves.columns]
@@ -84,7 +85,7 @@ def load_expert_usage(curves: pd.DataFrame) -> pd.DataFrame:
     tidy = tidy.dropna(subset=["value"])
     parsed = tidy["column"].str.extract(GATE_COLUMN)
     tidy["layer"] = parsed["layer"]
-    tidy["kind"] = parsed["kind"].fillna("entropy")
+    tidy["kind"] = parsed["kind"].fillna(parsed["scalar"])
     tidy["expert"] = pd.to_numeric(parsed["expert"]).astype("Int64")
     tidy["value"] = tidy["value"].astype(float)
     return tidy.drop(columns="column").reset_index(drop=True)

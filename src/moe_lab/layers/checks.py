@@ -66,25 +66,28 @@ def check_optional_positive_int(value: object, argname: str, none_means: str) ->
     return value
 
 
-def _finite(value: object, argname: str, requirement: str) -> float:
+def finite_number(value: object, argname: str, requirement: str = "") -> float:
+    """``float(value)``, or a ValueError naming ``argname`` (and what it must be) for bools,
+    non-numbers, NaN and inf."""
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         number = math.nan
     if isinstance(value, bool) or not math.isfinite(number):
-        raise ValueError(f"{argname} must be a finite number {requirement}, got {value!r}")
+        must = f"a finite number {requirement}".rstrip()
+        raise ValueError(f"{argname} must be {must}, got {value!r}")
     return number
 
 
 def check_temperature(value: object) -> float:
-    tau = _finite(value, "gate_temperature", "> 0")
+    tau = finite_number(value, "gate_temperature", "> 0")
     if tau <= 0:
         raise ValueError(f"gate_temperature must be a finite number > 0, got {value!r}")
     return tau
 
 
 def check_balance(balance: object, rate: object, top_k: int | None) -> tuple[str | None, float]:
-    checked_rate = _finite(rate, "balance_rate", ">= 0")
+    checked_rate = finite_number(rate, "balance_rate", ">= 0")
     if checked_rate < 0:
         raise ValueError(f"balance_rate must be a finite number >= 0, got {rate!r}")
     if balance is None:
@@ -110,7 +113,7 @@ def check_capacity(value: object, top_k: int | None, expert_softmax: bool) -> fl
             "capacity_factor drops assignments, and expert_activation='softmax' normalises "
             "across all experts; use an elementwise expert activation, or capacity_factor=None"
         )
-    factor = _finite(value, "capacity_factor", "> 0 (or None)")
+    factor = finite_number(value, "capacity_factor", "> 0 (or None)")
     if factor <= 0:
         raise ValueError(f"capacity_factor must be None or a finite number > 0, got {value!r}")
     if top_k is None:

@@ -7,7 +7,6 @@ valid names, never deep inside the first forward.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -16,16 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _finite_float(value: object, what: str) -> float:
-    """``float(value)``, or a ValueError naming ``what`` for bools, non-numbers, NaN and inf."""
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
-    return number
+from .checks import finite_number
 
 
 def _named(
@@ -181,7 +171,7 @@ def resolve_regularizer(spec: RegularizerSpec, argname: str) -> Regularizer | No
             raise ValueError(
                 f"{argname}: unknown regularizer keys {sorted(unknown)}; expected only 'l1' and 'l2'"
             )
-        values = {k: _finite_float(v, f"{argname}: factor {k!r}") for k, v in spec.items()}
+        values = {k: finite_number(v, f"{argname}: factor {k!r}") for k, v in spec.items()}
         if any(v < 0 for v in values.values()):
             raise ValueError(f"{argname}: regularizer factors must be >= 0, got {values}")
         return L1L2(**values)
@@ -338,7 +328,7 @@ def resolve_constraint(spec: ConstraintSpec, argname: str) -> Constraint | None:
             if key == "axis":
                 kwargs[key] = _check_axis(value, f"{argname}: axis")
             else:
-                kwargs[key] = _finite_float(value, f"{argname}: {name} argument {key!r}")
+                kwargs[key] = finite_number(value, f"{argname}: {name} argument {key!r}")
         constraint = cls(**kwargs)
         if isinstance(constraint, MinMaxNorm) and not (
             0 <= constraint.min_value <= constraint.max_value
@@ -420,7 +410,7 @@ def resolve_initializer(spec: InitializerSpec, argname: str) -> Initializer:
     - a callable ``fn(tensor)`` that fills the tensor in place.
     """
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        return Constant(_finite_float(spec, argname))
+        return Constant(finite_number(spec, argname))
     if isinstance(spec, (str, Mapping)):
         expected = (
             f"a number, a callable, or one of {', '.join(INITIALIZER_NAMES)} (as a name or a dict "
@@ -430,7 +420,7 @@ def resolve_initializer(spec: InitializerSpec, argname: str) -> Initializer:
         cls, fixed, allowed = _INITIALIZERS[name]
         _check_arguments(kwargs, allowed, argname, "initializer", name)
         values = {
-            k: _finite_float(v, f"{argname}: {name} argument {k!r}") for k, v in kwargs.items()
+            k: finite_number(v, f"{argname}: {name} argument {k!r}") for k, v in kwargs.items()
         }
         init = cls(**fixed, **values)
         if isinstance(init, RandomUniform) and init.minval > init.maxval:

@@ -229,9 +229,12 @@ class MetricsRow:
 
 METRICS_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MetricsRow))
 #: ``gate/<layer>/importance_<k>`` (mean gate of expert k), ``gate/<layer>/load_<k>`` (share of
-#: samples routed to k) and ``gate/<layer>/entropy`` (mean gate entropy), on the validation set.
+#: samples routed to k), and the layer's scalars ``gate/<layer>/entropy`` (mean gate entropy),
+#: ``gate/<layer>/dead`` (fraction of experts no sample used) and ``gate/<layer>/dropped`` (fraction
+#: of assignments a capacity limit dropped), on the validation set.
 GATE_COLUMN = re.compile(
-    r"^gate/(?P<layer>.+)/(?:(?P<kind>importance|load)_(?P<expert>\d+)|entropy)$"
+    r"^gate/(?P<layer>.+)/(?:(?P<kind>importance|load)_(?P<expert>\d+)"
+    r"|(?P<scalar>entropy|dead|dropped))$"
 )
 
 
