@@ -105,7 +105,9 @@ def _as_correct(name: str, values: ArrayLike) -> np.ndarray:
 _AXES = ("replicates R", "seeds S", "examples N")
 
 
-def _check_same_shape(name: str, shape: tuple[int, ...], ref: str, ref_shape: tuple[int, ...]):
+def _check_same_shape(
+    name: str, shape: tuple[int, ...], ref: str, ref_shape: tuple[int, ...]
+) -> None:
     """ValueError naming both arms, both shapes and the axes that differ."""
     if shape == ref_shape:
         return
