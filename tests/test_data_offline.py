@@ -373,3 +373,27 @@ def test_hyperparameters_are_saved_for_checkpoints(tmp_path):
     datamodule = MovingDigitsDataModule(str(tmp_path), frames=6, batch_size=16, topology={"a": 1})
     assert datamodule.hparams["frames"] == 6 and datamodule.hparams["batch_size"] == 16
     assert datamodule.hparams["topology"] == {"a": 1}
+
+
+@pytest.mark.parametrize("name", ["mnist1d", "moving_digits"])
+def test_a_run_without_its_test_split_never_reads_the_test_arrays(name, data_dir, monkeypatch):
+    """A tuning trial (``load_test=False``) reads only the cache's train arrays: an ``.npz``
+    reads each array on access, and the test keys are never accessed."""
+    datamodule_class = {"mnist1d": MNIST1DDataModule, "moving_digits": MovingDigitsDataModule}[name]
+    datamodule_class(str(data_dir)).prepare_data()  # the cache exists, with every array
+    read: list[str] = []
+    real_getitem = np.lib.npyio.NpzFile.__getitem__
+
+    def spy(self, key):
+        read.append(key)
+        return real_getitem(self, key)
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", spy)
+    tuning = datamodule_class(str(data_dir), val_split=0.1, load_test=False)
+    tuning.prepare_data()
+    tuning.setup("fit")
+    assert read and not [key for key in read if key.startswith("test")], read
+    read.clear()
+    scoring = datamodule_class(str(data_dir), val_split=0.1)
+    scoring.setup("test")
+    assert {"test_x", "test_y"} <= set(read)  # the spy sees a run that does read them

@@ -38,25 +38,38 @@ MOVING_DIGITS_SEED = 0
 DIGIT_SIZE = 8
 
 
-def _to_splits(arrays: dict[str, np.ndarray]) -> tuple[Split, Split]:
+def _to_splits(arrays: dict[str, np.ndarray]) -> tuple[Split, Split | None]:
+    """``(train, test)`` pairs of tensors; the test pair is None when ``arrays`` has no test
+    arrays (a run built with ``load_test=False`` never reads them)."""
+
     def pair(x: str, y: str) -> Split:
         return torch.from_numpy(arrays[x]), torch.from_numpy(arrays[y].astype(np.int64))
 
-    return pair("train_x", "train_y"), pair("test_x", "test_y")
+    test = pair("test_x", "test_y") if "test_x" in arrays else None
+    return pair("train_x", "train_y"), test
 
 
-def _cached(path: Path, shapes: dict[str, tuple[int, ...]], build: Any) -> dict[str, np.ndarray]:
-    """Read ``path`` if it holds arrays of ``shapes``; else ``build()`` them and write it
-    atomically."""
-    arrays = load_npz(path, tuple(shapes))
-    if arrays is not None and all(arrays[k].shape == s for k, s in shapes.items()):
+def _split_keys(shapes: dict[str, tuple[int, ...]], load_test: bool) -> dict[str, tuple[int, ...]]:
+    """The arrays a run reads: the test arrays only when it scores the test set."""
+    return {k: v for k, v in shapes.items() if load_test or not k.startswith("test_")}
+
+
+def _cached(
+    path: Path, shapes: dict[str, tuple[int, ...]], build: Any, load_test: bool = True
+) -> dict[str, np.ndarray]:
+    """Read the arrays of ``shapes`` from ``path`` (only the train arrays when ``load_test`` is
+    False: an ``.npz`` reads each array on access, so the test arrays are never read); if the
+    file is missing or stale, ``build()`` every array and write it atomically."""
+    wanted = _split_keys(shapes, load_test)
+    arrays = load_npz(path, tuple(wanted))
+    if arrays is not None and all(arrays[k].shape == s for k, s in wanted.items()):
         return arrays
     if path.exists():
         log.warning("cache %s is unreadable or stale; regenerating it", path)
     ensure_writable_dir(path.parent)
     arrays = build()
     save_npz_atomic(path, **arrays)
-    return arrays
+    return {k: arrays[k] for k in wanted}
 
 
 class MNIST1DDataModule(BaseDataModule):
@@ -108,15 +121,13 @@ class MNIST1DDataModule(BaseDataModule):
             "test_x": (self.n_test, self.length),
             "test_y": (self.n_test,),
         }
-        return _cached(self.cache_path, shapes, self.generate)
+        return _cached(self.cache_path, shapes, self.generate, self.load_test)
 
     def _prepare(self) -> None:
         self._arrays()
 
-    def _load_splits(self) -> tuple[Split, Split]:
-        arrays = self._arrays()
-        arrays["train_x"] = arrays["train_x"][:, None, :]
-        arrays["test_x"] = arrays["test_x"][:, None, :]
+    def _load_splits(self) -> tuple[Split, Split | None]:
+        arrays = {k: v[:, None, :] if k.endswith("_x") else v for k, v in self._arrays().items()}
         return _to_splits(arrays)
 
 
@@ -159,10 +170,9 @@ class DigitsDataModule(BaseDataModule):
     def source(self, split: str) -> str:
         return "scikit-learn's bundled digits (sklearn.datasets.load_digits)"
 
-    def _load_splits(self) -> tuple[Split, Split]:
-        arrays = digits_split()
-        arrays["train_x"] = arrays["train_x"][:, None]
-        arrays["test_x"] = arrays["test_x"][:, None]
+    def _load_splits(self) -> tuple[Split, Split | None]:
+        arrays = _split_keys(digits_split(), self.load_test)  # type: ignore[arg-type]
+        arrays = {k: v[:, None] if k.endswith("_x") else v for k, v in arrays.items()}
         return _to_splits(arrays)
 
 
@@ -315,10 +325,10 @@ class MovingDigitsDataModule(BaseDataModule):
             "test_x": (n_test, *self.input_shape),
             "test_y": (n_test,),
         }
-        return _cached(self.cache_path, shapes, self.generate)
+        return _cached(self.cache_path, shapes, self.generate, self.load_test)
 
     def _prepare(self) -> None:
         self._arrays()
 
-    def _load_splits(self) -> tuple[Split, Split]:
+    def _load_splits(self) -> tuple[Split, Split | None]:
         return _to_splits(self._arrays())
