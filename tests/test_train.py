@@ -6,10 +6,11 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import compose_train, run_module
-from moe_lab.run.record import SUMMARY_FIELDS
+from moe_lab.run.record import SUMMARY_FIELDS, read_predictions
 from moe_lab.train import train
 
 TINY = [
@@ -54,6 +55,10 @@ def test_tiny_run_on_offline_data(tmp_path: Path, data_dir: Path, data: str, mod
         assert gate_cols == []
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    # each test example's prediction: its accuracy is the recorded test accuracy
+    pred, label = read_predictions(run_dir)
+    assert pred.dtype == label.dtype == np.int16 and pred.shape == label.shape
+    assert float((pred == label).mean()) == pytest.approx(on_disk["test_acc"], abs=1e-6)
 
 
 def test_wandb_offline_run_writes_real_files(tmp_path: Path, data_dir: Path) -> None:

@@ -41,7 +41,13 @@ from moe_lab.models import routing_variant
 from moe_lab.run import trackers
 from moe_lab.run.context import group_choice, hydra_overrides, is_main_process, is_multirun
 from moe_lab.run.environment import run_environment
-from moe_lab.run.record import CHECKPOINT_DIR, METRICS_FILE, RunSummary, summary_path
+from moe_lab.run.record import (
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    RunSummary,
+    summary_path,
+    write_predictions,
+)
 from moe_lab.run.signals import RunInterrupted, SweepSignals, in_sweep_launcher, received_signal
 from moe_lab.run.task import (
     EpochRecord,
@@ -120,6 +126,8 @@ def _fit_and_test(parts: RunParts, cfg: DictConfig, ckpt_path: str | None) -> fl
         weights_only=True,
         verbose=False,
     )
+    if parts.module.test_predictions is not None and is_main_process():
+        write_predictions(Path(cfg.paths.output_dir), *parts.module.test_predictions)
     return parts.module.test_result.get("test_acc")
 
 

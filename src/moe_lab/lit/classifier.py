@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
@@ -95,6 +96,9 @@ class Classifier(L.LightningModule):
         self._gate_count = 0
         self.history: list[dict[str, float]] = []
         self.test_result: dict[str, float] = {}
+        #: the last test's ``(predicted class, label)`` per test example, in the test set's order
+        self.test_predictions: tuple[np.ndarray, np.ndarray] | None = None
+        self._test_batches: list[tuple[Tensor, Tensor]] = []
         self.metrics_path: Path | None = None
 
     # -- forward and losses ------------------------------------------------------------------------
@@ -127,18 +131,21 @@ class Classifier(L.LightningModule):
 
     def _eval_step(
         self, batch: tuple[Tensor, Tensor], loss_metric: MeanMetric, acc: MulticlassAccuracy
-    ) -> None:
+    ) -> Tensor:
         x, y = batch
         logits = self(x)
         loss_metric.update(F.cross_entropy(logits, y), weight=y.shape[0])
         acc.update(logits, y)
+        return logits
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_loss, self.val_acc)
         self._accumulate_gate_stats(batch[0].shape[0])
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_loss, self.test_acc)
+        logits = self._eval_step(batch, self.test_loss, self.test_acc)
+        # each example's prediction, for the paired statistics of a comparison (an int each)
+        self._test_batches.append((logits.argmax(dim=1).to(torch.int16), batch[1].to(torch.int16)))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -218,6 +225,12 @@ class Classifier(L.LightningModule):
         }
         self.test_loss.reset()
         self.test_acc.reset()
+        if self._test_batches:
+            pred, label = (
+                torch.cat(parts).cpu().numpy() for parts in zip(*self._test_batches, strict=True)
+            )
+            self.test_predictions = (pred, label)
+        self._test_batches = []
         self.log_dict(
             {"test/loss": self.test_result["test_loss"], "test/acc": self.test_result["test_acc"]}
         )

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_lab.utils.io import atomic_write_json
+from moe_lab.utils.io import atomic_write, atomic_write_json
 
 #: Statuses a finished run writes; ``running`` is on disk only while a run is alive (or was
 #: SIGKILLed, which nothing can record).
@@ -36,6 +36,9 @@ SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
 #: The traceback of a failed run.
 ERROR_LOG = "error.log"
+#: Each test example's predicted class and label (``pred``, ``label``: int16 arrays in the test
+#: set's order), written by a run that scores the test set: the paired statistics' raw data.
+PREDICTIONS_FILE = "predictions.npz"
 #: Lightning's checkpoints of a run (``conf/callbacks`` puts them here): ``last.ckpt`` is where a
 #: resume continues from, ``best.ckpt`` what the test scores.
 CHECKPOINT_DIR = "checkpoints"
@@ -214,6 +217,30 @@ def write_summary(run_dir: Path, summary: RunSummary) -> Path:
     return atomic_write_json(summary_path(run_dir), summary.to_dict())
 
 
+def write_predictions(run_dir: Path, pred: Any, label: Any) -> Path:
+    """Write ``predictions.npz`` atomically."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, pred=np.asarray(pred, np.int16), label=np.asarray(label, np.int16))
+    data = buffer.getvalue()
+    return atomic_write(Path(run_dir) / PREDICTIONS_FILE, lambda handle: handle.write(data))
+
+
+def read_predictions(run_dir: Path) -> tuple[Any, Any] | None:
+    """``(pred, label)`` of a run's test set, or None when it wrote none (or it is unreadable)."""
+    import numpy as np
+
+    path = Path(run_dir) / PREDICTIONS_FILE
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return archive["pred"], archive["label"]
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
 @dataclass
 class MetricsRow:
     """One epoch of ``metrics.csv``; MoE models append :func:`gate_column` columns after these."""
@@ -280,6 +307,7 @@ __all__ = [
     "METRICS_COLUMNS",
     "METRICS_FILE",
     "NUMERIC_FIELDS",
+    "PREDICTIONS_FILE",
     "REQUIRED_FIELDS",
     "RUN_STATUSES",
     "STAGES",
@@ -293,9 +321,11 @@ __all__ = [
     "hydra_config_path",
     "hydra_overrides_path",
     "last_checkpoint",
+    "read_predictions",
     "read_summary",
     "read_summary_data",
     "summary_path",
     "validate_summary",
+    "write_predictions",
     "write_summary",
 ]
