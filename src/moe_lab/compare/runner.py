@@ -237,8 +237,11 @@ class Comparison:
             _say(f"stopped: {stop}; finish it with the same command and resume={self.dir}")
         finally:
             beat.stop()
-            self._store.add_session(started_at, time.perf_counter() - started, resumed, ended)
-            end_heartbeat(self.dir)
+            try:
+                self._store.add_session(started_at, time.perf_counter() - started, resumed, ended)
+                end_heartbeat(self.dir)
+            except OSError as err:  # e.g. a full disk: the heartbeat still holds the session
+                _say(f"could not record this session's wall time ({err})")
         if ended == "finished":
             _say(f"done in {time.perf_counter() - started:.1f} s; comparison dir: {self.dir}")
         return result

@@ -157,7 +157,9 @@ class ComparisonStore:
         return path.relative_to(self.path).as_posix()
 
     def log(self, message: str) -> None:
-        append_log(self.path, message)
+        """A line in ``comparison.log`` (the log is a courtesy: a full disk does not stop us)."""
+        with contextlib.suppress(OSError):
+            append_log(self.path, message)
 
     def add_session(
         self, started: str, wall_time_s: float, resumed: bool, ended: str = "finished"
