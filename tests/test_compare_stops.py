@@ -21,7 +21,11 @@ from test_compare import TINY, _comparison_dir, _env, _paths, _summaries, _trial
 
 pytestmark = pytest.mark.slow
 
-SLOW = ["trainer.max_epochs=2", "+callbacks.slow._target_=compare_spy.SlowEpochs"]
+SLOW = [
+    "trainer.max_epochs=3",
+    "+callbacks.slow._target_=compare_spy.SlowEpochs",
+    "+callbacks.slow.seconds=2",
+]
 
 
 def _args(root: Path, *extra: str) -> list[str]:
@@ -111,14 +115,18 @@ def test_ctrl_c_during_tuning_stops_cleanly_and_a_resume_finishes(
         assert "## Incomplete" in (comparison / "report.md").read_text()
     else:
         assert stop_s < 10 and "a second SIGINT: stopped at once" in err
-        assert (comparison / ".heartbeat.json").is_file()  # its wall time, for the resume
+        # where the second press landed decides whether the session was recorded as stopped or
+        # is left to its heartbeat (killed); either way its wall time is on disk
+        recorded = (comparison / "sessions.jsonl").is_file()
+        assert recorded or (comparison / ".heartbeat.json").is_file()
 
     resumed = run_module("moe_lab.compare", *args, f"resume={comparison}", cwd=root,
                          timeout=600, **_env(root))  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_complete(comparison)
     ends = [s["ended"] for s in _sessions(comparison)]
-    assert ends == (["stopped", "finished"] if presses == 1 else ["killed", "finished"])
+    assert ends in (["stopped", "finished"], ["killed", "finished"])
+    assert presses == 2 or ends[0] == "stopped"
 
 
 def test_sigkill_right_after_a_batch_then_resume_finishes(tmp_path: Path) -> None:
@@ -175,7 +183,7 @@ def test_a_full_disk_stops_the_comparison_and_a_resume_finishes_it(tmp_path: Pat
     script = (
         f"mount -t tmpfs -o size=1200k tmpfs {out} || exit 99\n"
         f"{command} > {root}/first.out 2> {root}/first.err; echo $? > {root}/first.rc\n"
-        f"mount -o remount,size=64m {out}\n"
+        f"mount -o remount,size=1g {out}\n"
         f"dir=$(dirname $(ls {out}/compare/*/*/comparison.json))\n"
         f"{command} resume=$dir > {root}/second.out 2> {root}/second.err; echo $? > {root}/second.rc\n"
         f"cp -a {out} {root}/kept\n"

@@ -36,7 +36,7 @@ from moe_lab.run.labels import group_label
 
 from .curves import load_curves
 from .evp import expected_max_curve
-from .runs import load_runs
+from .runs import RUN_COLUMNS, load_runs
 from .stats import DEFAULT_BASELINES, TEST_COLUMNS, describe, welch_test
 
 #: The score a failed or diverged trial enters the expected-validation-performance curve with.
@@ -126,8 +126,8 @@ def load_comparison(comparison_dir: str | Path) -> ComparisonData:
     trials = _read_trials(path, arms)
     try:
         runs = load_runs(path)
-    except ValueError:  # no run dir yet
-        runs = pd.DataFrame(columns=["run_name", "status", "stage", "arm", "run_dir"])
+    except ValueError:  # no run dir yet (e.g. stopped before any run wrote a file)
+        runs = pd.DataFrame(columns=list(RUN_COLUMNS))
     for column in ("stage", "arm"):
         if column not in runs.columns:
             runs[column] = None
