@@ -154,7 +154,11 @@ def test_study_db_holds_the_trials_the_runs_report(tiny) -> None:
         assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
         tune = _summaries(comparison, "tune", arm)
         for trial in trials:
-            run_dir = comparison / trial.user_attrs["run_dir"]
+            # the whole proposal in one record: run dir, seed, arm and the parameters it ran
+            proposal = trial.user_attrs["proposal"]
+            assert proposal["seed"] == trial.number and proposal["arm"] == arm
+            assert proposal["params"] == trial.params
+            run_dir = comparison / proposal["run_dir"]
             summary = tune[run_dir.name]
             assert trial.value == summary["val_acc_best"]  # the objective: best val accuracy
             # the run trained with the hyperparameters Optuna proposed
@@ -281,6 +285,107 @@ def test_resume_with_other_settings_is_refused(tiny) -> None:
     assert "started with different settings" in proc.stderr and "trials" in proc.stderr
 
 
+# ---------------------------------------------------------------------------- a damaged store
+def _copy(comparison: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny comparison's dir to damage (the module's own stays as it was)."""
+    import shutil
+
+    target = tmp_path / "copy" / comparison.name
+    shutil.copytree(
+        comparison, target, ignore=shutil.ignore_patterns(".compare.lock", ".jobs.lock")
+    )
+    return target
+
+
+def _resume(root: Path, comparison: Path) -> subprocess.CompletedProcess[str]:
+    return run_module(
+        "moe_lab.compare", *TINY, *_paths(root), f"resume={comparison}", "hydra/launcher=basic",
+        cwd=root, **_env(root),
+    )  # fmt: skip
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+def test_moe_report_renders_a_comparison_dir_as_a_comparison(tiny, tmp_path: Path) -> None:
+    """One report command: ``python -m moe_lab.report`` on a comparison dir renders the
+    comparison's report (it used to overwrite it with a sweep report of one-run groups)."""
+    root, comparison, _, _ = tiny
+    copy = _copy(comparison, tmp_path)
+    before = (copy / "report.md").read_text().replace(str(comparison), str(copy))
+    proc = run_module("moe_lab.report", str(copy), cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = (copy / "report.md").read_text()
+    assert after.startswith("# Comparison report") and after == before
+    assert list(pd.read_csv(copy / "summary.csv")["arm"]) == ["cnn", "moe"]
+    assert (copy / "trials.csv").is_file() and (copy / "best_params.json").is_file()
+
+
+def test_a_garbage_study_db_is_refused_in_one_line(tiny, tmp_path: Path) -> None:
+    root, comparison, _, _ = tiny
+    copy = _copy(comparison, tmp_path)
+    (copy / "study.db").write_bytes(b"this is not a database " * 100)
+    proc = _resume(root, copy)
+    assert proc.returncode == 2
+    assert "study.db is not a readable Optuna study" in _one_line_error(proc)
+    report = run_module("moe_lab.report", str(copy), cwd=root)
+    assert report.returncode == 2
+    assert "study.db is not a readable Optuna study" in _one_line_error(report)
+
+
+@pytest.mark.parametrize("how", ["truncated", "replaced"])
+def test_an_emptied_study_db_never_reruns_finished_trials(tiny, tmp_path: Path, how: str) -> None:
+    """An emptied study.db used to restart tuning from trial 0 silently, moving the finished
+    trials aside; now the resume is refused, naming the file, and nothing on disk changes."""
+    root, comparison, _, _ = tiny
+    copy = _copy(comparison, tmp_path)
+    db = copy / "study.db"
+    if how == "truncated":
+        db.write_bytes(b"")
+    else:  # a valid, fresh study file in its place: no trial of any arm
+        db.unlink()
+        optuna.create_study(study_name="cnn", storage=f"sqlite:///{db}")
+    before = {p: p.stat().st_mtime_ns for p in copy.rglob("summary.json")}
+    proc = _resume(root, copy)
+    assert proc.returncode == 2
+    line = _one_line_error(proc)
+    assert str(db) in line
+    assert ("is empty (0 bytes)" if how == "truncated" else "holds 0 trial(s) of arm 'cnn'") in line
+    assert {p: p.stat().st_mtime_ns for p in copy.rglob("summary.json")} == before
+    assert not list(copy.rglob(".killed"))
+
+
+def test_a_proposal_cut_off_by_a_kill_is_abandoned_never_run(tiny, tmp_path: Path) -> None:
+    """A kill after Optuna made a trial but before its proposal was recorded (here: one of its
+    three parameters drawn, no run dir, no seed) used to run it in ``<dir>/None/`` with the
+    preset's values for the rest; now the resume closes it as abandoned, outside the budget."""
+    root, comparison, _, _ = tiny
+    copy = _copy(comparison, tmp_path)
+    study = optuna.load_study(study_name="cnn", storage=f"sqlite:///{copy / 'study.db'}")
+    trial = study.ask()
+    trial.suggest_float("optimizer.lr", 1e-4, 1e-2, log=True)  # the kill lands here
+    proc = _resume(root, copy)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launching" not in proc.stdout  # the budget of 3 trials was already spent
+    assert not (copy / "None").exists() and not list(copy.rglob("None"))
+    trials = _trials(copy, "cnn")
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3 + ["FAIL"]
+    assert trials[3].user_attrs["abandoned"] is True
+    table = pd.read_csv(copy / "trials.csv")
+    assert list(table.loc[table["arm"] == "cnn", "state"]) == ["COMPLETE"] * 3 + ["ABANDONED"]
+    assert table.loc[table["state"] != "ABANDONED", "run_dir"].notna().all()
+    summary = pd.read_csv(copy / "summary.csv").set_index("arm")
+    assert summary.loc["cnn", "trials_completed"] == 3 and summary.loc["cnn", "trials_failed"] == 0
+    assert (
+        "1 trial(s) were cut off by a kill while they were proposed"
+        in (copy / "report.md").read_text()
+    )
+
+
 # ---------------------------------------------------------------------------- kill and resume
 def _wait_for(condition, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -355,7 +460,8 @@ def test_killed_comparison_resumes_without_rerunning_or_double_counting(tmp_path
             (2, "COMPLETE"),
         ]
         for trial in trials:
-            assert trial.value == tune[Path(trial.user_attrs["run_dir"]).name]["val_acc_best"]
+            run_dir = Path(trial.user_attrs["proposal"]["run_dir"])
+            assert trial.value == tune[run_dir.name]["val_acc_best"]
     # the finished trial was not run again
     assert first_summary.read_text() == first_text
     assert first_summary.stat().st_mtime_ns == first_mtime

@@ -70,6 +70,8 @@ BAD_INPUTS = [
     (["seed=3"], "the comparison sets the seeds"),
     (["test=true"], "the comparison sets test=false"),
     (["resume=/no/such/dir"], "no such directory"),
+    # composes and validates, but no network can be built from it: refused before training
+    (["data.topology.blocks.0.pool=64"], "arm 'cnn': its model cannot be built"),
 ]
 
 
@@ -233,3 +235,32 @@ def test_arms_beyond_a_model_and_the_recorded_settings(
     assert not set(settings["tune_seeds"]) & set(settings["final_seeds"])
     every_key = ["optimizer.lr", "optimizer.weight_decay", "data.topology.dense_dropout"]
     assert settings["arm_keys"] == {"cnn": every_key, "moe_k4": every_key}
+
+
+def test_a_moved_aside_attempt_says_how_it_ended(tmp_path: Path) -> None:
+    """A run a kill cut off before its first checkpoint starts over in its dir; the attempt moved
+    aside keeps its files, and its record says ``interrupted``, not ``running``."""
+    from moe_lab.compare.store import ComparisonStore
+
+    comparison = tmp_path / "cmp"
+    run_dir = comparison / "tune" / "cnn" / "trial_000"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"status": "running", "epochs": 0, "x": 1}))
+    (run_dir / "train.log").write_text("kept\n")
+    ComparisonStore(comparison, lock=None).set_aside(run_dir)  # type: ignore[arg-type]
+    assert not run_dir.exists()
+    (moved,) = (comparison / "tune" / "cnn" / ".killed").iterdir()
+    summary = json.loads((moved / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["x"] == 1
+    assert "started over in" in summary["error_message"]
+    assert (moved / "train.log").read_text() == "kept\n"
+
+
+def test_finish_on_a_file_says_it_is_a_file(tmp_path: Path, capsys) -> None:
+    from moe_lab.finish import main as finish_main
+
+    path = tmp_path / "notes.txt"
+    path.write_text("x")
+    assert finish_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a sweep dir" in err and "does not exist" not in err

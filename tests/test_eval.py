@@ -97,3 +97,30 @@ def test_eval_refuses_a_checkpoint_outside_a_run_dir(tmp_path: Path, data_dir: P
     # the command line's answer: one line on stderr, exit code 2, no traceback
     assert proc.returncode == 2 and "no .hydra/config.yaml" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_recorded_config_naming_foreign_code_is_refused(
+    trained_run: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """A tampered ``.hydra/config.yaml`` beside a checkpoint could name any callable Hydra can
+    import (here ``builtins.open`` in write mode, which would truncate a file); eval builds only
+    moe_lab's and torch's code, and says so in one line."""
+    import shutil
+
+    import yaml
+
+    run_dir = trained_run.parent / "tampered"
+    shutil.copytree(trained_run, run_dir)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    config_path = run_dir / ".hydra" / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["data"]["augment"] = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
+    config_path.write_text(yaml.safe_dump(config))
+    proc = _eval(run_dir, data_dir)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, proc.stderr
+    assert "data.augment._target_='builtins.open' is not moe_lab's or torch's code" in errors[0]
+    assert victim.read_text() == "precious\n"

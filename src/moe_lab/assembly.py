@@ -59,6 +59,18 @@ def build_module(cfg: DictConfig, datamodule: Any) -> tuple[Classifier, ModelFac
     return module, facts
 
 
+def build_network(cfg: DictConfig) -> ModelFacts:
+    """Build the network a run of ``cfg`` would train, without its data or a trainer (the data
+    module reads no file before ``setup``; it only gives the input shape): the pre-flight check
+    that a config's model can be built at all. Raises what the build raises."""
+    datamodule = instantiate(cfg.data, _convert_="all", load_test=False)
+    net, facts = instantiate(cfg.module.net, _convert_="all")(
+        input_shape=datamodule.input_shape, num_classes=datamodule.num_classes
+    )
+    del net
+    return facts
+
+
 def assemble_run(cfg: DictConfig, **trainer_overrides: Any) -> RunParts:
     """Instantiate data, module, loggers, callbacks and trainer from a composed config.
 

@@ -44,13 +44,52 @@ def find_run_config(ckpt: Path) -> Path:
     )
 
 
+#: The code a recorded config may name for eval to build: moe_lab's own and torch's (optimizers,
+#: schedulers). Anything else in a run dir's config was not written by moe_lab.train.
+TRUSTED_TARGETS = ("moe_lab.", "torch.")
+#: The parts of the recorded config that eval instantiates.
+_BUILT_NODES = ("data", "module")
+
+
+def _targets(node: Any, where: str) -> list[tuple[str, str]]:
+    """``(config key, _target_)`` of every node below ``node``."""
+    found = []
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None:
+            found.append((where, str(target)))
+        for key, value in node.items():
+            found += _targets(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _targets(value, f"{where}[{i}]")
+    return found
+
+
+def check_targets(run_cfg: DictConfig, source: Path) -> None:
+    """Refuse a recorded config that would have eval build anything but moe_lab's and torch's
+    own classes (a tampered ``.hydra/config.yaml`` could name any callable Hydra can import;
+    ``weights_only=True`` protects the weights, this the code)."""
+    for name in _BUILT_NODES:
+        node = OmegaConf.to_container(run_cfg.get(name) or {}, resolve=False)
+        for where, target in _targets(node, name):
+            if not target.startswith(TRUSTED_TARGETS):
+                raise ConfigError(
+                    f"{source}: {where}._target_={target!r} is not moe_lab's or torch's code; "
+                    "moe_lab.eval only builds what moe_lab.train records (was the run's config "
+                    "edited?)"
+                )
+
+
 def run_config(ckpt: Path, cfg: DictConfig) -> DictConfig:
     """The run's recorded config, with this invocation's paths and (optionally) its ``data``.
 
     The network's config is resolved against the run's own dataset first, so a different
     ``data=`` changes what is scored, never the architecture that was trained.
     """
-    run_cfg = OmegaConf.load(find_run_config(ckpt))
+    source = find_run_config(ckpt)
+    run_cfg = OmegaConf.load(source)
+    check_targets(run_cfg, source)
     with open_dict(run_cfg):
         run_cfg.paths = OmegaConf.to_container(cfg.paths, resolve=True)
         run_cfg.model = OmegaConf.to_container(run_cfg.model, resolve=True)

@@ -36,7 +36,7 @@ import pandas as pd
 from moe_lab.analysis.runs import load_runs
 from moe_lab.report import rebuild, usage_error
 from moe_lab.run.record import last_checkpoint
-from moe_lab.run.sweep import PlannedJob, SweepPlan, override_identity, read_plan
+from moe_lab.run.sweep import MULTIRUN_FILE, PlannedJob, SweepPlan, override_identity, read_plan
 
 #: statuses a rerun can change; ``diverged`` is a result (see the module docstring)
 _RERUN = ("failed", "interrupted", "partial", "missing", "invalid")
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fail = usage_error(parser.prog)
     sweep = Path(args.sweep_dir).expanduser()
+    if sweep.exists() and not sweep.is_dir():
+        return fail(f"{str(sweep)!r} is a file, not a sweep dir; pass the dir the multirun wrote")
     if not sweep.is_dir():
         return fail(f"sweep dir {str(sweep)!r} does not exist; pass the multirun's sweep dir")
     sweep = sweep.resolve()
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = read_plan(sweep)
         if plan is None:
             return fail(
-                f"{sweep} has no multirun.yaml: finish needs the dir a multirun wrote (for a "
+                f"{sweep} has no {MULTIRUN_FILE}: finish needs the dir a multirun wrote (for a "
                 "parent of several sweeps, finish each sweep dir)"
             )
         with warnings.catch_warnings():

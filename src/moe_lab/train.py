@@ -193,7 +193,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         return None
     # in the launching process (basic launcher) the sweep stops here; a joblib worker returns
     # and starts no further job, and the launching process exits once its workers are done
-    if summary["status"] == "interrupted" and is_multirun() and in_sweep_launcher():
+    stopped = summary["status"] == "interrupted" and received_signal() is not None
+    if stopped and is_multirun() and in_sweep_launcher():
         raise SystemExit(exit_code(summary))
     if summary["status"] != "completed" and not is_multirun():
         print(

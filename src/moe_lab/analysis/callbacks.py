@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from moe_lab.run.comparison import is_comparison_dir
 from moe_lab.run.report_files import REPORT_MD
+from moe_lab.run.signals import received_signal
 from moe_lab.run.trackers import log_report_run_if_wandb
 
 from .reports import COMPARISON, SWEEP, print_comparison_report, write_any_report
@@ -73,7 +74,8 @@ class ReportCallback(Callback):
         self._print(report)
         if log_report_run_if_wandb(config, report_dir) is not None:
             print(f"{self.prefix} W&B: the report is a job_type=report run in {report_dir}/wandb")
-        if report.problems and self.fail_on_bad_runs:
+        # a signal stopped the multirun: SweepSignals, called after this, exits with 128 + signal
+        if report.problems and self.fail_on_bad_runs and received_signal() is None:
             raise SystemExit(1)
 
     def _print(self, report: Any) -> None:

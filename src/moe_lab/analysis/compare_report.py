@@ -26,6 +26,7 @@ from moe_lab.run.report_files import COMPARE_REPORT_FILES
 from moe_lab.utils.io import json_text, replace_together
 
 from .comparison import (
+    ABANDONED,
     FAILED_TRIAL_SCORE,
     ComparisonData,
     ComparisonInfo,
@@ -238,7 +239,9 @@ def _evp_section(info: ComparisonInfo, budget: int) -> list[str]:
 def _incomplete_section(data: ComparisonData, problems: list[str]) -> list[str]:
     """Trials and final runs that did not complete, and what the report could not find."""
     trials, runs = data.trials, data.runs
-    bad_trials = trials[trials["state"] != "COMPLETE"] if len(trials) else trials
+    # abandoned proposals never ran and take no place in the budget: not runs, just counted
+    shown = trials[trials["state"] != ABANDONED] if len(trials) else trials
+    bad_trials = shown[shown["state"] != "COMPLETE"]
     bad_runs = runs[(runs["stage"] == "final") & (runs["status"] != "completed")]
     lines = [
         f"## Runs that did not complete ({len(bad_trials)} trials, {len(bad_runs)} final runs)",
@@ -249,7 +252,9 @@ def _incomplete_section(data: ComparisonData, problems: list[str]) -> list[str]:
     else:
         lines += [
             "Failed and diverged trials used up their place in the budget and were not retried; "
-            f"they enter the expected-validation-performance curve with score {FAILED_TRIAL_SCORE:g}.",
+            f"they enter the expected-validation-performance curve with score {FAILED_TRIAL_SCORE:g}. "
+            "Running trials (a stop, a full disk or a killed worker cut them off) are no result: "
+            "resuming the comparison runs them to completion.",
             "",
         ]
         rows = [
@@ -273,6 +278,13 @@ def _incomplete_section(data: ComparisonData, problems: list[str]) -> list[str]:
             for _, r in bad_runs.iterrows()
         ]
         lines += [table(["arm", "run", "state", "status", "detail"], rows), ""]
+    n_abandoned = len(trials) - len(shown)
+    if n_abandoned:
+        lines += [
+            f"{n_abandoned} trial(s) were cut off by a kill while they were proposed: they never "
+            "ran and take no place in the budget (`trials.csv`: state ABANDONED).",
+            "",
+        ]
     if problems:
         lines += ["## Incomplete", "", *(f"- {p}" for p in problems), ""]
     return lines

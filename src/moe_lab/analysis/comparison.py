@@ -36,7 +36,7 @@ from moe_lab.run.labels import group_label
 
 from .curves import load_curves
 from .evp import expected_max_curve
-from .runs import load_runs
+from .runs import RUN_COLUMNS, load_runs
 from .stats import DEFAULT_BASELINES, TEST_COLUMNS, describe, welch_test
 
 #: The score a failed or diverged trial enters the expected-validation-performance curve with.
@@ -62,14 +62,33 @@ class ComparisonData:
         return self.record.settings
 
 
-def _read_trials(comparison_dir: Path, arms: list[str]) -> pd.DataFrame:
+#: The pseudo-state of a trial whose proposal a kill cut off (it never ran; not in the budget).
+ABANDONED = "ABANDONED"
+
+
+def _open_storage(comparison_dir: Path) -> Any:
+    """The dir's study storage, or ValueError in one line when it cannot be read."""
     import optuna  # imported here: the sweep report does not need it
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    db = comparison_dir / STUDY_DB
     if not has_study_db(comparison_dir):
-        raise ValueError(f"{comparison_dir / STUDY_DB} is missing: not a comparison dir")
+        raise ValueError(f"{db} is missing: not a comparison dir")
+    if db.stat().st_size == 0:
+        raise ValueError(f"{db} is empty (0 bytes): its trials are lost; restore it from a backup")
     storage = study_storage(comparison_dir)
-    known = {s.study_name for s in optuna.get_all_study_summaries(storage=storage)}
+    try:
+        known = {s.study_name for s in optuna.get_all_study_summaries(storage=storage)}
+    except Exception as err:  # sqlalchemy's DatabaseError and the like
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{db} is not a readable Optuna study ({first})") from None
+    return storage, known
+
+
+def _read_trials(comparison_dir: Path, arms: list[str]) -> pd.DataFrame:
+    import optuna
+
+    storage, known = _open_storage(comparison_dir)
     rows = []
     for arm in arms:
         if arm not in known:
@@ -77,15 +96,17 @@ def _read_trials(comparison_dir: Path, arms: list[str]) -> pd.DataFrame:
         study = optuna.load_study(study_name=arm, storage=storage)
         for trial in study.get_trials(deepcopy=False):
             attrs = trial.user_attrs
+            # the runner's one-write proposal (older comparisons: its fields one by one)
+            proposal = attrs.get("proposal") or attrs
             rows.append(
                 {
                     "arm": arm,
                     "trial": trial.number,
-                    "state": trial.state.name,
+                    "state": ABANDONED if attrs.get("abandoned") else trial.state.name,
                     "status": attrs.get("status"),
                     "value": trial.value,
-                    "seed": attrs.get("seed"),
-                    "run_dir": attrs.get("run_dir"),
+                    "seed": proposal.get("seed"),
+                    "run_dir": proposal.get("run_dir"),
                     "wall_time_s": attrs.get("wall_time_s"),
                     "epochs": attrs.get("epochs"),
                     "error": attrs.get("error"),
@@ -105,8 +126,8 @@ def load_comparison(comparison_dir: str | Path) -> ComparisonData:
     trials = _read_trials(path, arms)
     try:
         runs = load_runs(path)
-    except ValueError:  # no run dir yet
-        runs = pd.DataFrame(columns=["run_name", "status", "stage", "arm", "run_dir"])
+    except ValueError:  # no run dir yet (e.g. stopped before any run wrote a file)
+        runs = pd.DataFrame(columns=list(RUN_COLUMNS))
     for column in ("stage", "arm"):
         if column not in runs.columns:
             runs[column] = None
@@ -311,6 +332,7 @@ def summarize_comparison(
 
 
 __all__ = [
+    "ABANDONED",
     "FAILED_TRIAL_SCORE",
     "ComparisonData",
     "ComparisonInfo",

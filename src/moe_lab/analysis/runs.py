@@ -102,7 +102,7 @@ def _run_columns() -> tuple[str, ...]:
             "superseded_by", "run_dir_recorded", "summary_path")  # fmt: skip
 
 
-_RUN_COLUMNS = _run_columns()
+RUN_COLUMNS = _run_columns()
 
 
 def _natural_key(text: str) -> list[Any]:
@@ -359,7 +359,7 @@ def load_runs(sweep_dir: str | Path) -> pd.DataFrame:
                 row[key] = json.dumps(value, sort_keys=True)
 
     runs = pd.DataFrame(rows)
-    for column in _RUN_COLUMNS:
+    for column in RUN_COLUMNS:
         if column not in runs.columns:
             runs[column] = None
     for column in (*NUMERIC_FIELDS, "diverged_at_epoch", "diverged_at_step"):
@@ -371,8 +371,8 @@ def load_runs(sweep_dir: str | Path) -> pd.DataFrame:
         runs[column] = numbers
     runs["context"] = runs["context"].fillna("")
     runs["started"] = runs["started"].fillna(True).astype(bool)
-    extra = [c for c in runs.columns if c not in _RUN_COLUMNS]
-    return runs[list(_RUN_COLUMNS) + extra].reset_index(drop=True)
+    extra = [c for c in runs.columns if c not in RUN_COLUMNS]
+    return runs[list(RUN_COLUMNS) + extra].reset_index(drop=True)
 
 
 def group_keys(runs: pd.DataFrame) -> list[str]:

@@ -11,7 +11,9 @@
    (arms interleaved) go to the launcher together; trial ``i`` of every arm trains with seed ``i``
    and ``test=false`` (its data module never loads the test split) in ``tune/<arm>/trial_<i>``.
    Its objective is the run's best validation accuracy. A failed or diverged run is told to Optuna
-   as FAIL: it uses up its trial and is never retried.
+   as FAIL: it uses up its trial and is never retried. A run that did not finish (a signal, a
+   full disk, a worker the OS killed) is not a result: its trial stays open, the comparison stops
+   after the batch, and a resume runs it to completion.
 3. **Final runs**: each arm's best trial (highest objective, the earliest on ties) re-run with
    ``compare.seeds`` seeds ``final_seed_base + j`` (never a tuning seed) in
    ``final/<arm>/seed_<s>``, each scoring the test set once.
@@ -29,10 +31,13 @@ same way.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -49,8 +54,9 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from moe_lab.config import ConfigError
-from moe_lab.run.comparison import JOBS_LOCK, MARKER, STUDY_DB
+from moe_lab.run.comparison import JOBS_LOCK, MARKER, STUDY_DB, end_heartbeat, write_heartbeat
 from moe_lab.run.record import SUMMARY_FILE, last_checkpoint
+from moe_lab.run.signals import received_signal
 
 from .settings import Arm, CompareSettings
 from .space import format_override
@@ -66,9 +72,26 @@ __all__ = [
     "read_marker",
 ]
 
-#: Run outcomes that settle a run: it is never launched again.
+#: Run outcomes that settle a run: it is never launched again. Anything else (``interrupted``:
+#: a signal, a full disk, a killed worker) leaves it for a resume.
 FINISHED_STATUSES = ("completed", "failed", "diverged")
 _PREFIX = "[moe_lab compare]"
+#: A trial's proposal (run dir, seed, arm, parameters), written in ONE storage write after Optuna
+#: made the trial: a trial without it was cut off mid-proposal and never ran.
+PROPOSAL = "proposal"
+#: Set on a trial whose proposal a kill cut off: it never ran and takes no place in the budget.
+ABANDONED = "abandoned"
+#: Seconds between the running session's heartbeats.
+HEARTBEAT_S = 5.0
+
+
+class ComparisonStopped(Exception):
+    """The comparison stops before its work is done (a signal, or runs that could not finish);
+    what it finished is recorded and a resume continues."""
+
+    def __init__(self, reason: str, signum: int | None = None) -> None:
+        super().__init__(reason)
+        self.signum = signum
 
 
 def _is_int(value: Any) -> bool:
@@ -81,6 +104,41 @@ def _say(message: str) -> None:
 
 def _is_finished(summary: dict[str, Any] | None) -> bool:
     return summary is not None and summary.get("status") in FINISHED_STATUSES
+
+
+def _proposal_of(frozen: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
+    """The trial's whole proposal, or None when a kill cut it off before it was recorded.
+    (Comparisons from before the one-write proposal recorded ``run_dir``, ``seed`` and ``arm``
+    one by one after Optuna had set every parameter: all three present is a whole proposal.)"""
+    attrs = frozen.user_attrs
+    proposal = attrs.get(PROPOSAL)
+    if isinstance(proposal, dict):
+        return proposal
+    if all(attrs.get(key) is not None for key in ("run_dir", "seed", "arm")):
+        return {"run_dir": attrs["run_dir"], "seed": attrs["seed"], "params": frozen.params}
+    return None
+
+
+class _Heartbeat:
+    """A daemon thread that rewrites the session's heartbeat every :data:`HEARTBEAT_S` seconds,
+    so a kill at any instant leaves the session's wall time (up to its last beat) on disk."""
+
+    def __init__(self, path: Path, started_at: str, started: float, resumed: bool) -> None:
+        self._done = threading.Event()
+
+        def beat() -> None:
+            while True:
+                with contextlib.suppress(OSError):  # a full disk must not end the comparison
+                    write_heartbeat(path, started_at, time.perf_counter() - started, resumed)
+                if self._done.wait(HEARTBEAT_S):
+                    return
+
+        self._thread = threading.Thread(target=beat, name="moe_lab-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=HEARTBEAT_S)
 
 
 @dataclass
@@ -166,13 +224,27 @@ class Comparison:
             print(f"moe_lab.compare: error: {err}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         started, started_at = time.perf_counter(), dt.datetime.now().isoformat(timespec="seconds")
-        studies = self._store.studies(self._spec.arms)
-        self._tune(studies)
-        finals = self._final(studies)
-        wall = time.perf_counter() - started
-        self._store.add_session(started_at, wall, resumed=self._spec.resume is not None)
-        _say(f"done in {wall:.1f} s; comparison dir: {self.dir}")
-        return {"dir": str(self.dir), "final_runs": finals}
+        resumed = self._spec.resume is not None
+        beat = _Heartbeat(self.dir, started_at, started, resumed)
+        ended, result = "finished", {"dir": str(self.dir)}
+        try:
+            studies = self._store.studies(self._spec.arms)
+            self._tune(studies)
+            result["final_runs"] = self._final(studies)
+        except ComparisonStopped as stop:
+            ended, result["stopped"] = "stopped", str(stop)
+            self._store.log(f"stopped: {stop}")
+            _say(f"stopped: {stop}; finish it with the same command and resume={self.dir}")
+        finally:
+            beat.stop()
+            try:
+                self._store.add_session(started_at, time.perf_counter() - started, resumed, ended)
+                end_heartbeat(self.dir)
+            except OSError as err:  # e.g. a full disk: the heartbeat still holds the session
+                _say(f"could not record this session's wall time ({err})")
+        if ended == "finished":
+            _say(f"done in {time.perf_counter() - started:.1f} s; comparison dir: {self.dir}")
+        return result
 
     def _open_dir(self, resume: Path | None) -> None:
         command = "python -m moe_lab.compare " + " ".join(self.arguments)
@@ -243,10 +315,18 @@ class Comparison:
                 store.relative(j.run_dir) + (" (resumed)" if j.resume else "") for j in jobs
             )
         )
-        returns = self.launcher.launch(
-            [self._job_overrides(j) for j in jobs], initial_job_idx=self._job_index
-        )
-        self._job_index += len(jobs)
+        try:
+            returns = self.launcher.launch(
+                [self._job_overrides(j) for j in jobs], initial_job_idx=self._job_index
+            )
+        except Exception as err:  # e.g. joblib's TerminatedWorkerError: a worker was killed
+            cause = "a signal" if received_signal() else f"{type(err).__name__}: {err}"
+            first = str(cause).splitlines()[0]
+            return [
+                self._outcome_of_summary(read_summary(j.run_dir), first, ended=False) for j in jobs
+            ]
+        finally:
+            self._job_index += len(jobs)
         return [self._outcome(job, ret) for job, ret in zip(jobs, returns, strict=True)]
 
     def _outcome(self, job: Job, ret: JobReturn) -> Outcome:
@@ -260,10 +340,18 @@ class Comparison:
             if ret.status == JobStatus.COMPLETED and isinstance(value, dict):
                 summary = value
         summary = summary or read_summary(job.run_dir)
-        return self._outcome_of_summary(summary, error)
+        return self._outcome_of_summary(summary, error, ended=error is None)
 
     @staticmethod
-    def _outcome_of_summary(summary: dict[str, Any] | None, error: str | None = None) -> Outcome:
+    def _outcome_of_summary(
+        summary: dict[str, Any] | None, error: str | None = None, ended: bool = True
+    ) -> Outcome:
+        """The outcome a run's record (and the launcher's error) says. ``ended``: the job's
+        process returned; if it did not (killed, or the launcher failed), a record that is not
+        final makes the run ``interrupted``, to be resumed, never a result."""
+        if not _is_finished(summary) and not ended:
+            cause = error or "the job's process ended without a result"
+            return Outcome("interrupted", None, summary, cause)
         if summary is None:
             return Outcome("failed", None, None, error or f"the job wrote no {SUMMARY_FILE}")
         status = summary.get("status")
@@ -282,7 +370,12 @@ class Comparison:
 
     # ------------------------------------------------------------------ tuning
     def _tell(self, study: optuna.Study, job: Job, outcome: Outcome) -> None:
+        """Record a trial's result in its study; a run that did not finish is no result: its
+        trial stays open for a resume."""
         assert job.trial_id is not None and job.trial_number is not None
+        if outcome.status not in FINISHED_STATUSES:
+            self._report(job, f"{outcome.status}: {outcome.error} (resumable)")
+            return
         trial = optuna.trial.Trial(study, job.trial_id)
         trial.set_user_attr("status", outcome.status)
         if outcome.summary is not None:
@@ -312,13 +405,17 @@ class Comparison:
         pending: list[Job] = []
         for name, study in studies.items():
             for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                run_dir = self.dir / str(frozen.user_attrs.get("run_dir"))
+                proposal = _proposal_of(frozen)
+                if proposal is None:
+                    self._abandon(study, frozen)
+                    continue
+                run_dir = self.dir / str(proposal["run_dir"])
                 job = Job(
                     stage="tune",
                     arm=name,
                     run_dir=run_dir,
-                    seed=int(frozen.user_attrs.get("seed", frozen.number)),
-                    params=dict(frozen.params),
+                    seed=int(proposal["seed"]),
+                    params=dict(proposal["params"]),
                     trial_number=frozen.number,
                     trial_id=frozen._trial_id,
                 )
@@ -333,14 +430,30 @@ class Comparison:
                 pending.append(job)
         return pending
 
+    def _abandon(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        """Close a trial whose proposal a kill cut off (it never ran): marked, then failed, so
+        that it takes no place in the budget and the report leaves it out."""
+        trial = optuna.trial.Trial(study, frozen._trial_id)
+        trial.set_user_attr(ABANDONED, True)  # first: a kill before the tell finds it again
+        study.tell(frozen.number, state=TrialState.FAIL)
+        self._store.log(
+            f"arm {study.study_name}: trial {frozen.number} was cut off while it was proposed "
+            "(it never ran); it takes no place in the budget"
+        )
+
     def _ask(self, study: optuna.Study, arm: Arm) -> Job:
         number = len(study.get_trials(deepcopy=False))
         study.sampler = self._sampler(number)
         trial = study.ask({key: self._spec.space[key] for key in arm.keys})
         run_dir = self.dir / "tune" / arm.name / f"trial_{trial.number:03d}"
-        trial.set_user_attr("run_dir", self._store.relative(run_dir))
-        trial.set_user_attr("seed", trial.number)
-        trial.set_user_attr("arm", arm.name)
+        # one write: a resume finds the whole proposal or none (then the trial never ran)
+        proposal = {
+            "run_dir": self._store.relative(run_dir),
+            "seed": trial.number,
+            "arm": arm.name,
+            "params": dict(trial.params),
+        }
+        trial.set_user_attr(PROPOSAL, proposal)
         return Job(
             stage="tune",
             arm=arm.name,
@@ -351,15 +464,38 @@ class Comparison:
             trial_id=trial._trial_id,
         )
 
+    @staticmethod
+    def _used(study: optuna.Study) -> int:
+        """The trials that take a place in the arm's budget (all but abandoned proposals)."""
+        return sum(not t.user_attrs.get(ABANDONED) for t in study.get_trials(deepcopy=False))
+
+    def _stop_if_asked(self) -> None:
+        signum = received_signal()
+        if signum is not None:
+            name = signal.Signals(signum).name
+            raise ComparisonStopped(f"{name} received", signum)
+
+    def _settle(self, outcomes: list[tuple[Job, Outcome]]) -> None:
+        """Stop after a batch in which some run did not finish (its cause named)."""
+        self._stop_if_asked()
+        cut = [(job, o) for job, o in outcomes if o.status not in FINISHED_STATUSES]
+        if cut:
+            where = ", ".join(self._store.relative(job.run_dir) for job, _ in cut)
+            raise ComparisonStopped(
+                f"{len(cut)} run(s) did not finish ({where}): {cut[0][1].error}"
+            )
+
     def _tune(self, studies: dict[str, optuna.Study]) -> None:
         trials, arms = self._spec.trials, self._spec.arms
+        self._stop_if_asked()
         pending = self._recover(studies)
         if pending:
             _say(f"{len(pending)} trial(s) were cut off by the kill and continue now")
         batch_size = self._batch_size()
         while True:
+            self._stop_if_asked()
             batch, pending = pending[:batch_size], pending[batch_size:]
-            used = {name: len(study.get_trials(deepcopy=False)) for name, study in studies.items()}
+            used = {name: self._used(study) for name, study in studies.items()}
             while len(batch) < batch_size:
                 open_arms = [name for name in arms if used[name] < trials]
                 if not open_arms:
@@ -370,8 +506,10 @@ class Comparison:
                 used[name] += 1
             if not batch:
                 break
-            for job, outcome in zip(batch, self._launch(batch), strict=True):
+            outcomes = list(zip(batch, self._launch(batch), strict=True))
+            for job, outcome in outcomes:
                 self._tell(studies[job.arm], job, outcome)
+            self._settle(outcomes)
 
     # ------------------------------------------------------------------ final runs
     @staticmethod
@@ -408,7 +546,9 @@ class Comparison:
                     )
                 )
         if jobs:
-            for job, outcome in zip(jobs, self._launch(jobs), strict=True):
+            self._stop_if_asked()
+            outcomes = list(zip(jobs, self._launch(jobs), strict=True))
+            for job, outcome in outcomes:
                 test_acc = (outcome.summary or {}).get("test_acc")
                 self._report(
                     job,
@@ -416,4 +556,5 @@ class Comparison:
                     if outcome.status == "completed" and isinstance(test_acc, int | float)
                     else f"{outcome.status}: {outcome.error}",
                 )
+            self._settle(outcomes)
         return finals

@@ -378,6 +378,13 @@ def _check_arm_configs(
             validate_train_config(probe)
         except ConfigError as err:
             raise ConfigError(f"arm {name!r}: {err}") from None
+        try:  # the network too: a block that cannot be built must stop us before any training
+            from moe_lab.assembly import build_network  # torch loads only when it is needed
+
+            build_network(probe)
+        except Exception as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"arm {name!r}: its model cannot be built: {first}") from None
     unknown = [key for key in space if not any(key in keys for keys in arm_keys.values())]
     if unknown:
         raise ConfigError(

@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -40,16 +41,25 @@ from moe_lab.run.comparison import (
     has_study_db,
     is_comparison_dir,
     read_record,
+    settle_heartbeat,
     study_storage,
     write_record,
 )
-from moe_lab.run.record import SUMMARY_FILE
+from moe_lab.run.record import read_summary_data as read_summary
+from moe_lab.run.record import write_summary_data
 from moe_lab.run.sweep import MULTIRUN_FILE
 from moe_lab.utils.io import atomic_write_text
 
 from .settings import CompareSettings
 
-__all__ = ["ComparisonStore", "hold_job_lock", "open_store", "read_marker", "read_summary"]
+__all__ = [
+    "ComparisonStore",
+    "check_study",
+    "hold_job_lock",
+    "open_store",
+    "read_marker",
+    "read_summary",
+]
 
 
 def read_marker(comparison_dir: str | Path) -> ComparisonRecord:
@@ -74,18 +84,6 @@ def read_marker(comparison_dir: str | Path) -> ComparisonRecord:
     if not has_study_db(path):
         raise ConfigError(f"resume={comparison_dir}: {path / STUDY_DB} is missing")
     return record
-
-
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    """A run's summary as it stands, or None when it has none (or an unreadable one)."""
-    path = run_dir / SUMMARY_FILE
-    if not path.is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return summary if isinstance(summary, dict) else None
 
 
 def _try_exclusive_lock(handle: Any) -> bool:
@@ -159,16 +157,20 @@ class ComparisonStore:
         return path.relative_to(self.path).as_posix()
 
     def log(self, message: str) -> None:
-        append_log(self.path, message)
+        """A line in ``comparison.log`` (the log is a courtesy: a full disk does not stop us)."""
+        with contextlib.suppress(OSError):
+            append_log(self.path, message)
 
-    def add_session(self, started: str, wall_time_s: float, resumed: bool) -> None:
+    def add_session(
+        self, started: str, wall_time_s: float, resumed: bool, ended: str = "finished"
+    ) -> None:
         """One line per session (a resumed comparison has several): the report sums them."""
-        append_session(self.path, Session(started, round(wall_time_s, 1), resumed))
+        append_session(self.path, Session(started, round(wall_time_s, 1), resumed, ended))
 
     def studies(self, arms: Iterable[str]) -> dict[str, optuna.Study]:
         """One study per arm (named after it) in the dir's storage, created on first use."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return {
+        return {  # a resumed dir's study was checked when it was opened (check_study)
             name: optuna.create_study(
                 storage=study_storage(self.path),
                 study_name=name,
@@ -186,7 +188,57 @@ class ComparisonStore:
         target = run_dir.parent / KILLED_DIR / f"{run_dir.name}_{stamp}_{os.getpid()}"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(run_dir), str(target))
+        summary = read_summary(target)
+        if summary is not None and summary.get("status") == "running":
+            # the attempt is over: its record says how it ended, not that it still runs
+            summary.update(
+                status="interrupted",
+                error_type="RunInterrupted",
+                error_message="cut off by a kill before its first checkpoint; the run started "
+                f"over in {run_dir}",
+            )
+            write_summary_data(target, summary)
         self.log(f"set aside the leftovers of {self.relative(run_dir)} in {target}")
+
+
+_TRIAL_DIR = re.compile(r"^trial_(\d+)$")
+
+
+def check_study(path: Path, arms: Iterable[str]) -> None:
+    """Refuse a comparison dir whose ``study.db`` cannot be read, or disagrees with the trial
+    dirs on disk (an emptied or replaced study would silently restart tuning).
+
+    Raises:
+        ConfigError: one line naming the file, what is wrong, and what to do.
+    """
+    db = path / STUDY_DB
+    keep = (
+        "the trials' run dirs under tune/ keep every finished trial's result; restore "
+        f"{STUDY_DB} from a backup, or start a new comparison"
+    )
+    if db.stat().st_size == 0:
+        raise ConfigError(f"{db} is empty (0 bytes): its trials are lost; {keep}")
+    try:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        counts = {
+            s.study_name: s.n_trials
+            for s in optuna.get_all_study_summaries(storage=study_storage(path))
+        }
+    except Exception as err:  # sqlalchemy's DatabaseError and the like: say it in one line
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{db} is not a readable Optuna study ({first}); {keep}") from None
+    for arm in arms:
+        numbers = [
+            int(match.group(1))
+            for child in (path / "tune" / arm).glob("trial_*")
+            if (match := _TRIAL_DIR.match(child.name)) and read_summary(child) is not None
+        ]
+        if numbers and max(numbers) >= counts.get(arm, 0):
+            raise ConfigError(
+                f"{db} holds {counts.get(arm, 0)} trial(s) of arm {arm!r}, but tune/{arm}/ has "
+                f"run dirs up to trial_{max(numbers):03d}: the study was emptied or replaced "
+                f"and would rerun finished trials; {keep}"
+            )
 
 
 def open_store(settings: CompareSettings, config: DictConfig, command: str) -> ComparisonStore:
@@ -216,12 +268,20 @@ def open_store(settings: CompareSettings, config: DictConfig, command: str) -> C
                 f"{record.command}"
             )
         path = resume
+        check_study(path, settings.arms)
     else:
         path = Path(str(OmegaConf.select(config, "compare.dir"))).expanduser().resolve()
         if (path / MARKER).exists():
             raise ConfigError(f"{path} already holds a comparison; resume it with resume=")
     path.mkdir(parents=True, exist_ok=True)
     store = ComparisonStore(path, _take_lock(path))
+    if resume is not None:
+        killed = settle_heartbeat(path)
+        if killed is not None:
+            store.log(
+                f"the session started {killed.started} was killed; its wall time up to its last "
+                f"heartbeat ({killed.wall_time_s:.0f} s) is recorded"
+            )
     with read_write(config), open_dict(config):
         config.hydra.sweep.dir = str(path)
     if resume is None:

@@ -7,6 +7,9 @@ An equal-budget comparison (``python -m moe_lab.compare``) keeps, beside its ord
   with; it marks the dir as a comparison;
 - ``study.db`` (:data:`STUDY_DB`): Optuna's SQLite storage, one study per arm (study name = arm);
 - ``sessions.jsonl`` (:data:`SESSIONS`): one :class:`Session` line per process that ran it;
+- ``.heartbeat.json`` (:data:`HEARTBEAT`): the running session's start and its latest beat (every
+  few seconds); a session that a kill cut off leaves it behind, and the next one records that
+  session's wall time from it (up to its last beat);
 - ``comparison.log`` (:data:`LOG`): what each session launched and what came back, a line each;
 - ``.compare.lock`` / ``.jobs.lock``: held by the comparison process (exclusive) and by each of
   its running jobs (shared);
@@ -34,6 +37,7 @@ LOG = "comparison.log"
 LOCK = ".compare.lock"
 JOBS_LOCK = ".jobs.lock"
 KILLED_DIR = ".killed"
+HEARTBEAT = ".heartbeat.json"
 #: ``kind`` of every record this package writes.
 MARKER_KIND = "moe_lab.compare"
 
@@ -56,6 +60,11 @@ class ComparisonRecord(JsonRecord):
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+#: How a session ended: it finished its work, a signal or a failure stopped it (resumable), or
+#: it was killed (its wall time is up to its last heartbeat).
+SESSION_ENDS = ("finished", "stopped", "killed")
+
+
 @dataclass
 class Session:
     """One line of ``sessions.jsonl``: a process that ran the comparison, and for how long."""
@@ -63,6 +72,7 @@ class Session:
     started: str
     wall_time_s: float
     resumed: bool
+    ended: str = "finished"
 
 
 def is_comparison_dir(path: str | Path) -> bool:
@@ -126,12 +136,44 @@ def read_sessions(comparison_dir: Path) -> list[dict[str, Any]]:
     return sessions
 
 
+def write_heartbeat(comparison_dir: Path, started: str, wall_time_s: float, resumed: bool) -> None:
+    """The running session so far (rewritten every few seconds while it runs)."""
+    session = Session(started, round(wall_time_s, 1), resumed, ended="killed")
+    atomic_write_json(comparison_dir / HEARTBEAT, dataclasses.asdict(session))
+
+
+def settle_heartbeat(comparison_dir: Path) -> Session | None:
+    """A session a kill cut off: its line in ``sessions.jsonl`` (wall time up to its last beat),
+    added now, and its heartbeat removed. None when there was none."""
+    path = comparison_dir / HEARTBEAT
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        session = Session(
+            **{k: data[k] for k in ("started", "wall_time_s", "resumed")}, ended="killed"
+        )
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):  # half a beat: nothing to add
+        path.unlink(missing_ok=True)
+        return None
+    # a session that ended but was killed before it removed its heartbeat has its line already
+    if all(line.get("started") != session.started for line in read_sessions(comparison_dir)):
+        append_session(comparison_dir, session)
+    path.unlink(missing_ok=True)
+    return session
+
+
+def end_heartbeat(comparison_dir: Path) -> None:
+    (comparison_dir / HEARTBEAT).unlink(missing_ok=True)
+
+
 def append_log(comparison_dir: Path, message: str) -> None:
     with open(comparison_dir / LOG, "a", encoding="utf-8") as handle:
         handle.write(f"{dt.datetime.now().isoformat(timespec='seconds')} {message}\n")
 
 
 __all__ = [
+    "HEARTBEAT",
     "JOBS_LOCK",
     "KILLED_DIR",
     "LOCK",
@@ -139,16 +181,20 @@ __all__ = [
     "MARKER",
     "MARKER_KIND",
     "SESSIONS",
+    "SESSION_ENDS",
     "STUDY_DB",
     "ComparisonRecord",
     "NotAComparison",
     "Session",
     "append_log",
     "append_session",
+    "end_heartbeat",
     "has_study_db",
     "is_comparison_dir",
     "read_record",
     "read_sessions",
+    "settle_heartbeat",
     "study_storage",
+    "write_heartbeat",
     "write_record",
 ]

@@ -214,7 +214,12 @@ def read_summary(run_dir: Path) -> RunSummary | None:
 
 def write_summary(run_dir: Path, summary: RunSummary) -> Path:
     """Write ``summary.json`` atomically (a crash never leaves half a record)."""
-    return atomic_write_json(summary_path(run_dir), summary.to_dict())
+    return write_summary_data(run_dir, summary.to_dict())
+
+
+def write_summary_data(run_dir: Path, data: dict[str, Any]) -> Path:
+    """Write a parsed ``summary.json`` back as it is (keys a newer writer added are kept)."""
+    return atomic_write_json(summary_path(run_dir), data)
 
 
 def write_predictions(run_dir: Path, pred: Any, label: Any) -> Path:
@@ -328,4 +333,5 @@ __all__ = [
     "validate_summary",
     "write_predictions",
     "write_summary",
+    "write_summary_data",
 ]

@@ -4,7 +4,8 @@ During a job (:func:`signals_interrupt_the_run`) the first signal raises :class:
 where the job is; repeats during its clean-up are only noted. Between the jobs of a sweep the
 signal is noted, and the next job does not start. In the process that launches a sweep,
 :class:`SweepSignals` (a Hydra callback) passes the signal on to the launcher's worker processes
-and, when the launcher returns, exits with ``128 + signal``.
+and, when the launcher returns, exits with ``128 + signal``; a second signal there stops
+everything at once.
 
 The noted signal is this module's state, so every job of a process sees it (Hydra's
 ``conf/hydra/default.yaml`` lists ``moe_lab.run.signals.SweepSignals``).
@@ -102,12 +103,20 @@ class SweepSignals(HydraCallback):
 
     @staticmethod
     def _forward(signum: int, frame: Any) -> None:
+        """The first signal goes on to the workers, whose jobs stop and record ``interrupted``;
+        a second one stops everything at once: the workers are killed and the process exits
+        with ``128 + signal`` (killed runs are resumable from their last checkpoint)."""
         first = _received_signal is None
         _note_signal(signum, frame)
+        workers = _launcher_workers()
+        for pid in workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signum if first else signal.SIGKILL)
         if first:
-            for pid in _launcher_workers():
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signum)
+            return
+        name = signal.Signals(signum).name
+        print(f"[moe_lab] a second {name}: stopped at once", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if _received_signal is not None:

@@ -7,8 +7,10 @@ only composes, instantiates and fits. Inside ``with run_task(record, close):``
   ``interrupted``, resumable;
 - a :class:`RunStopped` error (e.g. ``moe_lab.lit.DivergedError``) ends it with its own status
   and fields;
-- any other exception ends it ``failed``, with the error in the record (a full disk named as
-  such) and the traceback in ``error.log``; it never sinks the sweep;
+- a fault of the machine (a full disk, a quota, a read-only or unwritable run dir) ends it
+  ``interrupted``, named in one line: no result, and a resume continues it once fixed;
+- any other exception ends it ``failed``, with the error in the record and the traceback in
+  ``error.log``; it never sinks the sweep;
 - otherwise the run is ``completed``.
 
 Whatever happened, ``close()`` then runs (the trackers' final record and their finish) and the
@@ -53,16 +55,6 @@ class RunStopped(Exception):
 
     def record(self, summary: RunSummary) -> None:
         """Add this stop's own fields to ``summary`` (none by default)."""
-
-
-def no_space(err: BaseException) -> OSError | None:
-    """The ENOSPC error behind ``err`` (torch wraps it in a RuntimeError), if any."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 class SegmentRecord:
@@ -113,21 +105,48 @@ class EpochRecord(L.Callback):
         self.record.write(getattr(pl_module, "history", None))
 
 
+#: What a failed write says about the machine, not about the run: its errno and its words.
+_MACHINE_FAULTS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+}
+
+
+def machine_fault(err: BaseException, run_dir: Path) -> tuple[str, OSError] | None:
+    """``(what, error)`` when ``err`` comes from the machine, not from the run: a full disk, a
+    quota, a read-only file system, or a dir of the run that cannot be written; else None."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError):
+            if seen.errno in _MACHINE_FAULTS:
+                return _MACHINE_FAULTS[seen.errno], seen
+            mine = seen.filename is not None and Path(str(seen.filename)).is_relative_to(run_dir)
+            if isinstance(seen, PermissionError) and mine:
+                return "permission denied", seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def record_failure(summary: RunSummary, err: Exception, run_dir: Path) -> None:
-    """Status ``failed`` with the error (a full disk named as such), the traceback in error.log."""
-    full = no_space(err)
-    summary.status = "failed"
-    if full is not None:
-        summary.error_type = "OSError"
+    """Status ``failed`` with the error, the traceback in error.log. A fault of the machine (a
+    full disk, an unwritable dir) is no result of the run: status ``interrupted``, named in one
+    line, and a resume continues once it is fixed."""
+    fault = machine_fault(err, run_dir)
+    if fault is not None:
+        what, os_error = fault
+        summary.status, summary.error_type = "interrupted", "OSError"
         summary.error_message = (
-            f"no space left on device writing {full.filename or '(unknown path)'}"
+            f"{what} writing {os_error.filename or '(unknown path)'}; fix it, then resume with "
+            f"resume={run_dir}"
         )
     else:
+        summary.status = "failed"
         summary.error_type, summary.error_message = type(err).__name__, str(err)
     if is_main_process():
         with contextlib.suppress(OSError):
             atomic_write_text(run_dir / ERROR_LOG, traceback.format_exc())
-    log.error("run failed: %s: %s", summary.error_type, summary.error_message)
+    log.error("run %s: %s: %s", summary.status, summary.error_type, summary.error_message)
 
 
 @contextlib.contextmanager
@@ -168,7 +187,8 @@ def run_task(
                 try:
                     record.write(final=True)
                 except OSError as err:
-                    reason = "no space left on device" if no_space(err) else str(err)
+                    fault = machine_fault(err, run_dir)
+                    reason = fault[0] if fault else str(err)
                     print(f"error: could not write {summary_path(run_dir)}: {reason}",
                           file=sys.stderr)  # fmt: skip
                 close()
@@ -210,7 +230,7 @@ __all__ = [
     "discard_unstarted_job_dir",
     "drop_resume_record",
     "exit_code",
-    "no_space",
+    "machine_fault",
     "previous_segment",
     "record_failure",
     "run_task",
