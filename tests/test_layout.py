@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "assembly": {"lit", "models", "run", "utils", "layers"},
     "experiments": {"analysis", "layers", "run", "utils", "config"},
 }
-ROOF = {"train", "eval", "finish", "report", "jacobian", "bench", "compare", "__init__"}
+ROOF = {"train", "eval", "finish", "report", "results", "jacobian", "bench", "compare", "__init__"}
 #: What ``moe_lab.layers`` may import outside moe_lab (SPEC §2: torch only).
 LAYERS_THIRD_PARTY = {"torch"}
 

@@ -83,6 +83,7 @@ def initial_summary(cfg: DictConfig, run_dir: Path) -> RunSummary:
         stage=cfg.get("stage"),
         arm=cfg.get("arm"),
         trial=cfg.get("trial"),
+        replicate=cfg.get("replicate"),
         max_epochs=(cfg.get("trainer") or {}).get("max_epochs"),
         status="running",
         run_dir=str(run_dir),

@@ -38,6 +38,7 @@ from .format import (
     cell,
     fmt_ci,
     fmt_duration,
+    fmt_int,
     fmt_p,
     fmt_pct,
     fmt_signed,
@@ -46,6 +47,7 @@ from .format import (
     table,
 )
 from .plots import plot_curves, plot_evp, plot_trace, render_figure
+from .verdicts import paired_section, replicates_section, verdict
 
 __all__ = [
     "CompareReport",
@@ -64,33 +66,6 @@ class CompareReport:
     paths: dict[str, Path]
     problems: list[str] = field(default_factory=list)
     summary: pd.DataFrame | None = None
-
-
-def verdict(row: pd.Series, base_label: str, budget: int, epochs: Any) -> str:
-    """One sentence: e.g. "moe K=2 vs cnn_matched K=2 at an equal budget of 24 trials × 20
-    epochs per arm: −4.1 pp test accuracy [95% CI −5.0, −3.2], p = 0.0002, Hedges' g = −6.1 (4
-    vs 4 seeds); resolved: worse."."""
-    head = f"{row['label']} vs {base_label} at an equal budget of {budget} trials"
-    if not missing(epochs):
-        head += f" × {int(epochs)} epoch{'s' if int(epochs) != 1 else ''}"
-    head += " per arm"
-    if missing(row["diff"]):
-        return f"{head}: no test ({row['note'] or 'no completed final runs'})."
-    text = f"{head}: {fmt_signed(100 * row['diff'])} pp test accuracy"
-    if missing(row["ci_low"]):
-        return f"{text}; no interval ({row['note']})."
-    text += (
-        f" [95% CI {fmt_signed(100 * row['ci_low'])}, {fmt_signed(100 * row['ci_high'])}], "
-        f"p = {fmt_p(row['p_value'])}, Hedges' g = {fmt_signed(row['hedges_g'], 2)} "
-        f"({int(row['final_n'])} vs {row['n_base']} seeds)"
-    )
-    if row["ci_low"] > 0:
-        text += "; resolved: better."
-    elif row["ci_high"] < 0:
-        text += "; resolved: worse."
-    else:
-        text += "; not resolved at this budget (the interval contains 0)."
-    return text
 
 
 # ---------------------------------------------------------------------- the report
@@ -148,7 +123,9 @@ def _arms_section(info: ComparisonInfo) -> list[str]:
     header = [
         "arm",
         "params",
+        "FLOPs / example",
         "trials (ok / failed)",
+        "trials (random / guided)",
         "best val acc (%)",
         "final test acc (%)",
         "final best val acc (%)",
@@ -158,8 +135,10 @@ def _arms_section(info: ComparisonInfo) -> list[str]:
     rows = [
         [
             cell(row["label"]),
-            DASH if missing(row["params"]) else f"{int(row['params']):,}",
+            fmt_int(row["params"]),
+            fmt_int(row["flops_per_example"]),
             f"{int(row['trials_completed'])} / {int(row['trials_failed'])}",
+            f"{int(row['trials_random'])} / {int(row['trials_guided'])}",
             fmt_pct(row["best_val_acc"], with_se=False),
             fmt_pct(row["test_acc_mean"], row["test_acc_se"]) + f" (n={int(row['final_n'])})",
             fmt_pct(row["final_val_acc_best_mean"], row["final_val_acc_best_se"]),
@@ -168,7 +147,13 @@ def _arms_section(info: ComparisonInfo) -> list[str]:
         ]
         for _, row in summary.iterrows()
     ]
-    lines = ["## Results per arm", "", table(header, rows, right={1, 2, 3, 4, 5}), ""]
+    lines = ["## Results per arm", "", table(header, rows, right={1, 2, 3, 4, 5, 6, 7}), ""]
+    lines += [
+        "Trials (random / guided): drawn at random (the sampler's start-up) / chosen by TPE from "
+        "the results so far; which is which follows from the batch size, recorded in "
+        "`comparison.json` and kept on resume.",
+        "",
+    ]
     lines += ["Best hyperparameters (the best trial of each arm; `best_params.json`):", ""]
     keys = list(data.settings["space"])
     rows = [
@@ -184,7 +169,7 @@ def _baseline_section(info: ComparisonInfo, budget: int, epochs: Any) -> list[st
     """Every other arm against the baseline on final test accuracy, and the verdicts."""
     summary, base, labels = info.summary, info.baseline, info.labels
     n_base = int(summary.loc[summary["arm"] == base, "final_n"].iloc[0])
-    lines = [f"## Against the baseline ({labels[base]}), on final test accuracy", ""]
+    lines = [f"## Against the baseline ({labels[base]}): Welch's t-test over the final seeds", ""]
     others = summary[summary["arm"] != base].assign(n_base=n_base)
     if others.empty:
         return [*lines, "Only the baseline arm: nothing to compare.", ""]
@@ -202,8 +187,19 @@ def _baseline_section(info: ComparisonInfo, budget: int, epochs: Any) -> list[st
                 f"{int(row['final_n'])} / {n_base}",
             ]
         )
-    lines += [table(header, rows, right={1, 3, 4}), "", "**Verdicts**", ""]
-    lines += [f"- {verdict(row, labels[base], budget, epochs)}" for _, row in others.iterrows()]
+    lines += [table(header, rows, right={1, 3, 4}), ""]
+    lines += [
+        "Welch's t-test covers only the spread of the final seeds, unpaired; the paired section "
+        "above adds the test set's sampling and pairs the shared seeds.",
+        "",
+        "**Verdicts**",
+        "",
+    ]
+    base_row = summary[summary["arm"] == base].iloc[0]
+    replicates = info.data.replicates
+    lines += [
+        f"- {verdict(row, base_row, budget, epochs, replicates)}" for _, row in others.iterrows()
+    ]
     return [*lines, ""]
 
 
@@ -299,8 +295,15 @@ _HOW_TO_READ = [
     "- Final test accuracy: mean ± SE over the fresh seeds, SE = sample std / √n. Welch's "
     "t-test (two-sided, unequal variances) against the baseline; the 95% CI is that of the "
     "difference of means, in percentage points; Hedges' g is the bias-corrected effect size "
-    "(positive: the arm beats the baseline). p-values are not corrected for multiple "
-    'comparisons, and with a few seeds a large p means "not resolved", not "no difference".',
+    "(positive: the arm beats the baseline). It covers the final seeds' spread only.",
+    "- Paired: every arm's final run j uses the same seed (data order) and scores the same test "
+    "examples, so the difference is taken cell by cell: a paired t-test over the (replicate, "
+    "seed) cells; a bootstrap that resamples replicates (independently per arm), seeds and test "
+    "examples (the same for both arms) and gives the percentile interval; Holm-corrected p "
+    "values across the arms compared with the baseline; and P(arm > baseline), the probability "
+    "that a random run of the arm beats a random run of the baseline (ties ½; Agarwal et al. "
+    '2021), with a bootstrap interval over runs. With a few seeds a large p means "not '
+    'resolved", not "no difference"; the verdicts read the bootstrap interval.',
     '- Expected validation performance (Dodge et al. 2019, "Show Your Work"): the expected '
     "best validation accuracy among n trials drawn with replacement from the arm's N trial "
     "scores, E[max] = Σ v_(i) [(i/N)^n − ((i−1)/N)^n], with the standard deviation of that "
@@ -321,6 +324,8 @@ def render_compare_report(info: ComparisonInfo) -> str:
     lines = [
         *_header_section(data, info.baseline),
         *_arms_section(info),
+        *replicates_section(info),
+        *paired_section(info),
         *_baseline_section(info, budget, epochs),
         *_evp_section(info, budget),
         "## Tuning trace and final runs",

@@ -28,14 +28,18 @@ from moe_lab.run.comparison import (
     STUDY_DB,
     ComparisonRecord,
     has_study_db,
+    parse_study_name,
     read_record,
     read_sessions,
+    study_name,
     study_storage,
 )
 from moe_lab.run.labels import group_label
 
 from .curves import load_curves
 from .evp import expected_max_curve
+from .finals import paired_data, replicate_table
+from .paired import compare_to_baseline
 from .runs import RUN_COLUMNS, load_runs
 from .stats import DEFAULT_BASELINES, TEST_COLUMNS, describe, welch_test
 
@@ -60,6 +64,11 @@ class ComparisonData:
     @property
     def settings(self) -> dict[str, Any]:
         return self.record.settings
+
+    @property
+    def replicates(self) -> int:
+        """Independent tuning studies per arm (1 for comparisons from before replicates)."""
+        return int(self.settings.get("replicates", 1))
 
 
 #: The pseudo-state of a trial whose proposal a kill cut off (it never ran; not in the budget).
@@ -90,10 +99,10 @@ def _read_trials(comparison_dir: Path, arms: list[str]) -> pd.DataFrame:
 
     storage, known = _open_storage(comparison_dir)
     rows = []
-    for arm in arms:
-        if arm not in known:
-            continue
-        study = optuna.load_study(study_name=arm, storage=storage)
+    studies = [(parse_study_name(name), name) for name in known]
+    studies = [(key, name) for key, name in studies if key[0] in arms]
+    for (arm, replicate), name in sorted(studies, key=lambda s: (arms.index(s[0][0]), s[0][1])):
+        study = optuna.load_study(study_name=name, storage=storage)
         for trial in study.get_trials(deepcopy=False):
             attrs = trial.user_attrs
             # the runner's one-write proposal (older comparisons: its fields one by one)
@@ -101,12 +110,14 @@ def _read_trials(comparison_dir: Path, arms: list[str]) -> pd.DataFrame:
             rows.append(
                 {
                     "arm": arm,
+                    "replicate": replicate,
                     "trial": trial.number,
                     "state": ABANDONED if attrs.get("abandoned") else trial.state.name,
                     "status": attrs.get("status"),
                     "value": trial.value,
                     "seed": proposal.get("seed"),
                     "run_dir": proposal.get("run_dir"),
+                    "guided": proposal.get("guided"),
                     "wall_time_s": attrs.get("wall_time_s"),
                     "epochs": attrs.get("epochs"),
                     "error": attrs.get("error"),
@@ -114,7 +125,8 @@ def _read_trials(comparison_dir: Path, arms: list[str]) -> pd.DataFrame:
                     **{f"param:{k}": v for k, v in trial.params.items()},
                 }
             )
-    columns = ["arm", "trial", "state", "status", "value", "seed", "run_dir", "wall_time_s"]
+    columns = ["arm", "replicate", "trial", "state", "status", "value", "seed", "run_dir",
+               "guided", "wall_time_s"]  # fmt: skip
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=[*columns, "params_json"])
 
 
@@ -162,7 +174,7 @@ def trial_scores(trials: pd.DataFrame, arm: str) -> np.ndarray:
     if not len(trials):
         return np.array([], dtype=float)
     mine = trials[(trials["arm"] == arm) & trials["state"].isin(["COMPLETE", "FAIL"])]
-    mine = mine.sort_values("trial")
+    mine = mine.sort_values(["replicate", "trial"])
     return np.array(
         [
             float(v) if s == "COMPLETE" else FAILED_TRIAL_SCORE
@@ -179,8 +191,9 @@ def _summed(runs: pd.DataFrame, column: str) -> float:
 def _tuning_row(
     data: ComparisonData, arm: str, scores: np.ndarray, problems: list[str]
 ) -> dict[str, Any]:
-    """The arm's tuning: its trials, their compute, its best trial and its EVP."""
-    budget = int(data.settings["trials"])
+    """The arm's tuning: its trials (over every replicate), their compute, how many the sampler
+    drew at random and how many it chose from results, its best trial and its EVP."""
+    budget = int(data.settings["trials"]) * data.replicates
     trials = data.trials
     mine = trials[trials["arm"] == arm] if len(trials) else trials
     complete = mine[mine["state"] == "COMPLETE"]
@@ -191,7 +204,12 @@ def _tuning_row(
         "trials_completed": len(complete),
         "trials_failed": n_failed,
         "trials_running": int((mine["state"] == "RUNNING").sum()),
+        "replicates": data.replicates,
     }
+    counted = mine[mine["state"] != ABANDONED]
+    guided = counted["guided"] if "guided" in counted.columns else pd.Series(dtype=object)
+    row["trials_guided"] = int((guided == True).sum())  # noqa: E712  (NaN: not recorded)
+    row["trials_random"] = int((guided == False).sum())  # noqa: E712
     if len(complete) + n_failed < budget:
         problems.append(
             f"arm {arm}: {len(complete) + n_failed} of {budget} trials finished "
@@ -201,7 +219,10 @@ def _tuning_row(
     row["tune_wall_time_s"] = _summed(tune_runs, "wall_time_s")
     row["tune_epochs"] = int(_summed(tune_runs, "epochs"))
     if len(complete):
-        best = complete.sort_values(["value", "trial"], ascending=[False, True]).iloc[0]
+        # the first replicate's best (the only one without replicates); the replicates table
+        # gives every replicate's
+        first = complete[complete["replicate"] == complete["replicate"].min()]
+        best = first.sort_values(["value", "trial"], ascending=[False, True]).iloc[0]
         row["best_trial"], row["best_val_acc"] = int(best["trial"]), float(best["value"])
         row["best_params"] = best["params_json"]
     else:
@@ -232,8 +253,9 @@ def _final_row(data: ComparisonData, arm: str, has_best: bool, problems: list[st
     mean, se, _ = describe(done["val_acc_best"])
     row["final_val_acc_best_mean"], row["final_val_acc_best_se"] = mean, se
     row["final_wall_time_s"] = _summed(final_runs, "wall_time_s")
-    params = pd.to_numeric(done["params"], errors="coerce").dropna().unique()
-    row["params"] = int(params[0]) if len(params) == 1 else math.nan
+    for column in ("params", "flops_per_example"):
+        values = pd.to_numeric(done[column], errors="coerce").dropna().unique()
+        row[column] = int(values[0]) if len(values) == 1 else math.nan
     return row
 
 
@@ -263,6 +285,10 @@ class ComparisonInfo:
     scores: dict[str, np.ndarray]
     #: the final runs' per-epoch metrics, ``group`` = the arm's label
     final_curves: pd.DataFrame
+    #: per arm and replicate: the chosen configuration and its results (:func:`replicate_table`)
+    replicates: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: why the paired statistics cover fewer cells than planned, or are missing ("" when whole)
+    paired_note: str = ""
 
     @property
     def baseline(self) -> str:
@@ -316,10 +342,24 @@ def comparison_info(data: ComparisonData, baseline: str | None = None) -> Compar
             continue
         for column, value in welch_test(final_test_accs(data, row["arm"]), base_acc).items():
             summary.loc[index, column] = value
+    paired, paired_note = paired_data(data)
+    if paired is not None and len(data.arms) > 1:
+        rows = compare_to_baseline(paired, base).set_index("arm")
+        columns = [c for c in rows.columns if c not in ("baseline", "note", "hedges_g")]
+        summary = summary.merge(
+            rows[columns].rename(columns={"note": "paired_note"}),
+            left_on="arm", right_index=True, how="left",
+        )  # fmt: skip
+        summary["effect_note"] = summary["arm"].map(rows["note"]).fillna("")
     labels = dict(zip(summary["arm"], summary["label"], strict=True))
+    replicates = replicate_table(data)
+    for chosen in replicates[replicates["replicate"] > 0].itertuples():  # each replicate's best
+        if isinstance(chosen.best_params, str):
+            best_params[study_name(chosen.arm, chosen.replicate)] = json.loads(chosen.best_params)
     return ComparisonInfo(
-        data, summary, best_params, problems, labels, scores, _final_curves(data, labels)
-    )
+        data, summary, best_params, problems, labels, scores, _final_curves(data, labels),
+        replicates, paired_note,
+    )  # fmt: skip
 
 
 def summarize_comparison(

@@ -1,22 +1,26 @@
-"""The equal-budget comparison: one Optuna study per arm, trials run as jobs on Hydra's launcher.
+"""The equal-budget comparison: Optuna studies per arm, trials run as jobs on Hydra's launcher.
 
 :class:`Comparison` is what the ``compare`` sweeper runs. In order:
 
 1. **Checks, before any training** (:mod:`moe_lab.compare.settings`): the arms, the budget
-   (``compare.trials >= 1``, ``compare.seeds >= 2``), the search space (every key must exist in
-   some arm's config), a held-out validation split (``data.val_split > 0``), every arm's config
-   composed and validated, and a ``resume=`` dir that really is a comparison started with the same
-   settings (:mod:`moe_lab.compare.store`).
-2. **Tuning**: per arm an Optuna study in the comparison dir's SQLite storage. Batches of trials
-   (arms interleaved) go to the launcher together; trial ``i`` of every arm trains with seed ``i``
-   and ``test=false`` (its data module never loads the test split) in ``tune/<arm>/trial_<i>``.
-   Its objective is the run's best validation accuracy. A failed or diverged run is told to Optuna
+   (``compare.trials >= 1``, ``compare.seeds >= 2``, ``compare.replicates >= 1``), the search
+   space (every key must exist in some arm's config), a held-out validation split
+   (``data.val_split > 0``), every arm's config composed and validated and its model built, and a
+   ``resume=`` dir that really is a comparison started with the same settings
+   (:mod:`moe_lab.compare.store`).
+2. **Tuning**: per arm ``compare.replicates`` independent Optuna studies (replicate ``r``: its own
+   sampler seeds, tuning seeds ``r·trials + i``) in the comparison dir's SQLite storage. Batches
+   of trials (arms and replicates interleaved; the batch size is recorded and kept on resume) go to
+   the launcher together; each trains with ``test=false`` (its data module never loads the test
+   split) in ``tune/<arm>/trial_<i>`` (``tune/<arm>/r<r>/trial_<i>`` with replicates). Its
+   objective is the run's best validation accuracy. A failed or diverged run is told to Optuna
    as FAIL: it uses up its trial and is never retried. A run that did not finish (a signal, a
    full disk, a worker the OS killed) is not a result: its trial stays open, the comparison stops
    after the batch, and a resume runs it to completion.
-3. **Final runs**: each arm's best trial (highest objective, the earliest on ties) re-run with
-   ``compare.seeds`` seeds ``final_seed_base + j`` (never a tuning seed) in
-   ``final/<arm>/seed_<s>``, each scoring the test set once.
+3. **Final runs**: each study's best trial (highest objective, the earliest on ties) re-run with
+   ``compare.seeds`` seeds ``final_seed_base + r·seeds + j`` (never a tuning seed; the same in
+   every arm, so the arms' final runs are paired) in ``final/<arm>/seed_<s>``, each scoring the
+   test set once and keeping each test example's prediction.
 4. The report is written by :class:`moe_lab.compare.report.CompareReportCallback` when the
    multirun ends.
 
@@ -31,36 +35,42 @@ same way.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import math
 import os
 import signal
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
-from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from moe_lab.config import ConfigError
-from moe_lab.run.comparison import JOBS_LOCK, MARKER, STUDY_DB, end_heartbeat, write_heartbeat
-from moe_lab.run.record import SUMMARY_FILE, last_checkpoint
+from moe_lab.run.comparison import JOBS_LOCK, MARKER, STUDY_DB, end_heartbeat, final_dir, tune_dir
+from moe_lab.run.record import last_checkpoint, read_summary_data
 from moe_lab.run.signals import received_signal
 
-from .settings import Arm, CompareSettings
+from .jobs import (
+    ABANDONED,
+    FINISHED_STATUSES,
+    PROPOSAL,
+    Job,
+    Outcome,
+    is_finished,
+    outcome_of_return,
+    outcome_of_summary,
+    proposal_of,
+)
+from .settings import CompareSettings
 from .space import format_override
-from .store import ComparisonStore, hold_job_lock, open_store, read_marker, read_summary
+from .store import ComparisonStore, Heartbeat, hold_job_lock, open_store, read_marker
 
 __all__ = [
     "FINISHED_STATUSES",
@@ -72,17 +82,9 @@ __all__ = [
     "read_marker",
 ]
 
-#: Run outcomes that settle a run: it is never launched again. Anything else (``interrupted``:
-#: a signal, a full disk, a killed worker) leaves it for a resume.
-FINISHED_STATUSES = ("completed", "failed", "diverged")
 _PREFIX = "[moe_lab compare]"
-#: A trial's proposal (run dir, seed, arm, parameters), written in ONE storage write after Optuna
-#: made the trial: a trial without it was cut off mid-proposal and never ran.
-PROPOSAL = "proposal"
-#: Set on a trial whose proposal a kill cut off: it never ran and takes no place in the budget.
-ABANDONED = "abandoned"
-#: Seconds between the running session's heartbeats.
-HEARTBEAT_S = 5.0
+#: A study of the comparison: ``(arm, replicate)``.
+StudyKey = tuple[str, int]
 
 
 class ComparisonStopped(Exception):
@@ -100,65 +102,6 @@ def _is_int(value: Any) -> bool:
 
 def _say(message: str) -> None:
     print(f"{_PREFIX} {message}", flush=True)
-
-
-def _is_finished(summary: dict[str, Any] | None) -> bool:
-    return summary is not None and summary.get("status") in FINISHED_STATUSES
-
-
-def _proposal_of(frozen: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
-    """The trial's whole proposal, or None when a kill cut it off before it was recorded.
-    (Comparisons from before the one-write proposal recorded ``run_dir``, ``seed`` and ``arm``
-    one by one after Optuna had set every parameter: all three present is a whole proposal.)"""
-    attrs = frozen.user_attrs
-    proposal = attrs.get(PROPOSAL)
-    if isinstance(proposal, dict):
-        return proposal
-    if all(attrs.get(key) is not None for key in ("run_dir", "seed", "arm")):
-        return {"run_dir": attrs["run_dir"], "seed": attrs["seed"], "params": frozen.params}
-    return None
-
-
-class _Heartbeat:
-    """A daemon thread that rewrites the session's heartbeat every :data:`HEARTBEAT_S` seconds,
-    so a kill at any instant leaves the session's wall time (up to its last beat) on disk."""
-
-    def __init__(self, path: Path, started_at: str, started: float, resumed: bool) -> None:
-        self._done = threading.Event()
-
-        def beat() -> None:
-            while True:
-                with contextlib.suppress(OSError):  # a full disk must not end the comparison
-                    write_heartbeat(path, started_at, time.perf_counter() - started, resumed)
-                if self._done.wait(HEARTBEAT_S):
-                    return
-
-        self._thread = threading.Thread(target=beat, name="moe_lab-heartbeat", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join(timeout=HEARTBEAT_S)
-
-
-@dataclass
-class Job:
-    stage: str  # "tune" | "final"
-    arm: str
-    run_dir: Path
-    seed: int
-    params: dict[str, Any]
-    trial_number: int | None = None
-    trial_id: int | None = None
-    resume: bool = False  # continue from the run's last checkpoint
-
-
-@dataclass
-class Outcome:
-    status: str
-    value: float | None
-    summary: dict[str, Any] | None
-    error: str | None = None
 
 
 class Comparison:
@@ -225,10 +168,10 @@ class Comparison:
             raise SystemExit(2) from None
         started, started_at = time.perf_counter(), dt.datetime.now().isoformat(timespec="seconds")
         resumed = self._spec.resume is not None
-        beat = _Heartbeat(self.dir, started_at, started, resumed)
+        beat = Heartbeat(self.dir, started_at, started, resumed)
         ended, result = "finished", {"dir": str(self.dir)}
         try:
-            studies = self._store.studies(self._spec.arms)
+            studies = self._store.studies(self._spec.arms, self._spec.replicates)
             self._tune(studies)
             result["final_runs"] = self._final(studies)
         except ComparisonStopped as stop:
@@ -248,20 +191,24 @@ class Comparison:
 
     def _open_dir(self, resume: Path | None) -> None:
         command = "python -m moe_lab.compare " + " ".join(self.arguments)
-        self.store = open_store(self._spec, self.config, command)
+        self.store = open_store(self._spec, self.config, command, self._launcher_batch_size())
         _say(f"{'resuming the comparison' if resume else 'new comparison'} in {self.dir}")
         self._store.log(
             f"{'resume' if resume else 'start'}: arms {list(self._spec.arms)}, "
-            f"{self._spec.trials} trials, {self._spec.seeds} final seeds"
+            f"{self._spec.trials} trials x {self._spec.replicates} replicate(s), "
+            f"{self._spec.seeds} final seeds, batches of {self._store.batch_size}"
         )
 
     # ------------------------------------------------------------------ the sampler, the batches
-    def _sampler(self, trial_number: int) -> optuna.samplers.BaseSampler:
-        # One seed per trial number, the same for every arm: the arms' random trials are paired,
-        # and a resumed comparison proposes what the uninterrupted one would have proposed
-        # from the same finished trials.
+    def _sampler(self, replicate: int, trial_number: int) -> optuna.samplers.BaseSampler:
+        # One seed per (replicate, trial number), the same for every arm: the arms' random trials
+        # are paired, each replicate draws its own, and a resumed comparison proposes what the
+        # uninterrupted one would have proposed from the same finished trials.
         spec = self._spec
-        seed = int(np.random.SeedSequence([spec.sampler_seed, trial_number]).generate_state(1)[0])
+        entropy = [spec.sampler_seed, trial_number] if replicate == 0 else [
+            spec.sampler_seed, replicate, trial_number
+        ]  # fmt: skip
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
         if spec.sampler == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         with warnings.catch_warnings():
@@ -273,7 +220,9 @@ class Comparison:
                 constant_liar=True,
             )
 
-    def _batch_size(self) -> int:
+    def _launcher_batch_size(self) -> int:
+        """Trials launched together: ``compare.batch_size``, else one per arm per launcher
+        worker (a new comparison records it; a resume keeps the recorded one)."""
         if self._spec.batch_size is not None:
             return self._spec.batch_size
         workers = OmegaConf.select(self.config, "hydra.launcher.n_jobs", default=None)
@@ -296,6 +245,7 @@ class Comparison:
             f"stage={job.stage}",
             f"arm={job.arm}",
             format_override("trial", job.trial_number if job.stage == "tune" else None),
+            format_override("replicate", job.replicate),
             f"test={'true' if job.stage == 'final' else 'false'}",
             format_override("resume", str(job.run_dir) if job.resume else None),
             format_override("hydra.sweep.dir", str(self.dir)),
@@ -323,50 +273,31 @@ class Comparison:
             cause = "a signal" if received_signal() else f"{type(err).__name__}: {err}"
             first = str(cause).splitlines()[0]
             return [
-                self._outcome_of_summary(read_summary(j.run_dir), first, ended=False) for j in jobs
+                outcome_of_summary(read_summary_data(j.run_dir), first, ended=False) for j in jobs
             ]
         finally:
             self._job_index += len(jobs)
-        return [self._outcome(job, ret) for job, ret in zip(jobs, returns, strict=True)]
-
-    def _outcome(self, job: Job, ret: JobReturn) -> Outcome:
-        summary: dict[str, Any] | None = None
-        error: str | None = None
-        try:
-            value = ret.return_value  # re-raises what the job raised
-        except Exception as err:
-            error = f"{type(err).__name__}: {err}"
-        else:
-            if ret.status == JobStatus.COMPLETED and isinstance(value, dict):
-                summary = value
-        summary = summary or read_summary(job.run_dir)
-        return self._outcome_of_summary(summary, error, ended=error is None)
-
-    @staticmethod
-    def _outcome_of_summary(
-        summary: dict[str, Any] | None, error: str | None = None, ended: bool = True
-    ) -> Outcome:
-        """The outcome a run's record (and the launcher's error) says. ``ended``: the job's
-        process returned; if it did not (killed, or the launcher failed), a record that is not
-        final makes the run ``interrupted``, to be resumed, never a result."""
-        if not _is_finished(summary) and not ended:
-            cause = error or "the job's process ended without a result"
-            return Outcome("interrupted", None, summary, cause)
-        if summary is None:
-            return Outcome("failed", None, None, error or f"the job wrote no {SUMMARY_FILE}")
-        status = summary.get("status")
-        value = summary.get("val_acc_best")
-        if status == "completed":
-            if isinstance(value, int | float) and math.isfinite(value):
-                return Outcome("completed", float(value), summary)
-            return Outcome("failed", None, summary, "completed without a validation accuracy")
-        message = summary.get("error_message") or error
-        return Outcome(str(status), None, summary, message)
+        return [outcome_of_return(job, ret) for job, ret in zip(jobs, returns, strict=True)]
 
     def _report(self, job: Job, result: str) -> None:
         where = self._store.relative(job.run_dir)
         self._store.log(f"{where}: {result}")
         _say(f"{where}: {result}")
+
+    def _stop_if_asked(self) -> None:
+        signum = received_signal()
+        if signum is not None:
+            raise ComparisonStopped(f"{signal.Signals(signum).name} received", signum)
+
+    def _settle(self, outcomes: list[tuple[Job, Outcome]]) -> None:
+        """Stop after a batch in which some run did not finish (its cause named)."""
+        self._stop_if_asked()
+        cut = [(job, o) for job, o in outcomes if o.status not in FINISHED_STATUSES]
+        if cut:
+            where = ", ".join(self._store.relative(job.run_dir) for job, _ in cut)
+            raise ComparisonStopped(
+                f"{len(cut)} run(s) did not finish ({where}): {cut[0][1].error}"
+            )
 
     # ------------------------------------------------------------------ tuning
     def _tell(self, study: optuna.Study, job: Job, outcome: Outcome) -> None:
@@ -400,31 +331,24 @@ class Comparison:
             else f"{outcome.status}: {outcome.error}",
         )
 
-    def _recover(self, studies: dict[str, optuna.Study]) -> list[Job]:
+    def _recover(self, studies: dict[StudyKey, optuna.Study]) -> list[Job]:
         """Trials a killed comparison launched but never recorded (state RUNNING in its study)."""
         pending: list[Job] = []
-        for name, study in studies.items():
+        for (arm, r), study in studies.items():
             for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                proposal = _proposal_of(frozen)
+                proposal = proposal_of(frozen)
                 if proposal is None:
                     self._abandon(study, frozen)
                     continue
                 run_dir = self.dir / str(proposal["run_dir"])
-                job = Job(
-                    stage="tune",
-                    arm=name,
-                    run_dir=run_dir,
-                    seed=int(proposal["seed"]),
-                    params=dict(proposal["params"]),
-                    trial_number=frozen.number,
-                    trial_id=frozen._trial_id,
-                )
-                summary = read_summary(run_dir)
-                if _is_finished(summary):
+                job = Job("tune", arm, r, run_dir, int(proposal["seed"]), dict(proposal["params"]),
+                          trial_number=frozen.number, trial_id=frozen._trial_id)  # fmt: skip
+                summary = read_summary_data(run_dir)
+                if is_finished(summary):
                     self._store.log(
                         f"{self._store.relative(run_dir)} had finished: recorded as it stands"
                     )
-                    self._tell(study, job, self._outcome_of_summary(summary))
+                    self._tell(study, job, outcome_of_summary(summary))
                     continue
                 job.resume = last_checkpoint(run_dir).is_file()
                 pending.append(job)
@@ -437,78 +361,72 @@ class Comparison:
         trial.set_user_attr(ABANDONED, True)  # first: a kill before the tell finds it again
         study.tell(frozen.number, state=TrialState.FAIL)
         self._store.log(
-            f"arm {study.study_name}: trial {frozen.number} was cut off while it was proposed "
+            f"study {study.study_name}: trial {frozen.number} was cut off while it was proposed "
             "(it never ran); it takes no place in the budget"
         )
 
-    def _ask(self, study: optuna.Study, arm: Arm) -> Job:
+    def _guided(self, study: optuna.Study) -> bool:
+        """Whether TPE will choose the next trial from results (else it draws at random): TPE
+        models once it knows ``tpe_startup_trials`` trials, counting (with its constant liar)
+        the running ones."""
+        if self._spec.sampler != "tpe":
+            return False
+        known = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        counted = study.get_trials(deepcopy=False, states=known)
+        return len([t for t in counted if not t.user_attrs.get(ABANDONED)]) >= (
+            self._spec.tpe_startup_trials
+        )
+
+    def _ask(self, study: optuna.Study, arm: str, replicate: int) -> Job:
         number = len(study.get_trials(deepcopy=False))
-        study.sampler = self._sampler(number)
-        trial = study.ask({key: self._spec.space[key] for key in arm.keys})
-        run_dir = self.dir / "tune" / arm.name / f"trial_{trial.number:03d}"
+        study.sampler = self._sampler(replicate, number)
+        guided = self._guided(study)
+        trial = study.ask({key: self._spec.space[key] for key in self._spec.arms[arm].keys})
+        run_dir = self.dir / tune_dir(arm, replicate, trial.number, self._spec.replicates)
+        seed = self._spec.tune_seed(replicate, trial.number)
         # one write: a resume finds the whole proposal or none (then the trial never ran)
         proposal = {
             "run_dir": self._store.relative(run_dir),
-            "seed": trial.number,
-            "arm": arm.name,
+            "seed": seed,
+            "arm": arm,
+            "replicate": replicate,
             "params": dict(trial.params),
+            "guided": guided,
         }
         trial.set_user_attr(PROPOSAL, proposal)
-        return Job(
-            stage="tune",
-            arm=arm.name,
-            run_dir=run_dir,
-            seed=trial.number,
-            params=dict(trial.params),
-            trial_number=trial.number,
-            trial_id=trial._trial_id,
-        )
+        return Job("tune", arm, replicate, run_dir, seed, dict(trial.params),
+                   trial_number=trial.number, trial_id=trial._trial_id)  # fmt: skip
 
     @staticmethod
     def _used(study: optuna.Study) -> int:
-        """The trials that take a place in the arm's budget (all but abandoned proposals)."""
+        """The trials that take a place in the budget (all but abandoned proposals)."""
         return sum(not t.user_attrs.get(ABANDONED) for t in study.get_trials(deepcopy=False))
 
-    def _stop_if_asked(self) -> None:
-        signum = received_signal()
-        if signum is not None:
-            name = signal.Signals(signum).name
-            raise ComparisonStopped(f"{name} received", signum)
-
-    def _settle(self, outcomes: list[tuple[Job, Outcome]]) -> None:
-        """Stop after a batch in which some run did not finish (its cause named)."""
-        self._stop_if_asked()
-        cut = [(job, o) for job, o in outcomes if o.status not in FINISHED_STATUSES]
-        if cut:
-            where = ", ".join(self._store.relative(job.run_dir) for job, _ in cut)
-            raise ComparisonStopped(
-                f"{len(cut)} run(s) did not finish ({where}): {cut[0][1].error}"
-            )
-
-    def _tune(self, studies: dict[str, optuna.Study]) -> None:
-        trials, arms = self._spec.trials, self._spec.arms
+    def _tune(self, studies: dict[StudyKey, optuna.Study]) -> None:
+        trials = self._spec.trials
+        order = list(studies)  # replicates outermost, arms interleaved within each
         self._stop_if_asked()
         pending = self._recover(studies)
         if pending:
             _say(f"{len(pending)} trial(s) were cut off by the kill and continue now")
-        batch_size = self._batch_size()
+        batch_size = self._store.batch_size
         while True:
             self._stop_if_asked()
             batch, pending = pending[:batch_size], pending[batch_size:]
-            used = {name: self._used(study) for name, study in studies.items()}
+            used = {key: self._used(study) for key, study in studies.items()}
             while len(batch) < batch_size:
-                open_arms = [name for name in arms if used[name] < trials]
-                if not open_arms:
+                open_keys = [key for key in order if used[key] < trials]
+                if not open_keys:
                     break
-                # arms interleaved: a slow period of the machine, or a kill, hits every arm alike
-                name = min(open_arms, key=lambda n: (used[n], list(arms).index(n)))
-                batch.append(self._ask(studies[name], arms[name]))
-                used[name] += 1
+                # interleaved: a slow period of the machine, or a kill, hits every arm alike
+                key = min(open_keys, key=lambda k: (used[k], order.index(k)))
+                batch.append(self._ask(studies[key], *key))
+                used[key] += 1
             if not batch:
                 break
             outcomes = list(zip(batch, self._launch(batch), strict=True))
             for job, outcome in outcomes:
-                self._tell(studies[job.arm], job, outcome)
+                self._tell(studies[(job.arm, job.replicate)], job, outcome)
             self._settle(outcomes)
 
     # ------------------------------------------------------------------ final runs
@@ -520,31 +438,25 @@ class Comparison:
             return None
         return max(done, key=lambda t: (t.value, -t.number))
 
-    def _final(self, studies: dict[str, optuna.Study]) -> dict[str, list[str]]:
+    def _final(self, studies: dict[StudyKey, optuna.Study]) -> dict[str, list[str]]:
         jobs: list[Job] = []
         finals: dict[str, list[str]] = {}
-        for j, seed in enumerate(self._spec.final_seeds):
-            for name, study in studies.items():
-                best = self.best_trial(study)
-                if best is None:
-                    if j == 0:
-                        _say(f"arm {name}: no trial completed, so it has no final runs")
-                        self._store.log(f"arm {name}: no completed trial; no final runs")
+        spec = self._spec
+        for (arm, r), study in studies.items():
+            best = self.best_trial(study)
+            if best is None:
+                _say(f"study {study.study_name}: no trial completed, so it has no final runs")
+                self._store.log(f"study {study.study_name}: no completed trial; no final runs")
+                continue
+            for seed in spec.final_seeds_of(r):
+                run_dir = self.dir / final_dir(arm, r, seed, spec.replicates)
+                finals.setdefault(arm, []).append(self._store.relative(run_dir))
+                if is_finished(read_summary_data(run_dir)):
                     continue
-                run_dir = self.dir / "final" / name / f"seed_{seed}"
-                finals.setdefault(name, []).append(self._store.relative(run_dir))
-                if _is_finished(read_summary(run_dir)):
-                    continue
-                jobs.append(
-                    Job(
-                        stage="final",
-                        arm=name,
-                        run_dir=run_dir,
-                        seed=seed,
-                        params=dict(best.params),
-                        resume=last_checkpoint(run_dir).is_file(),
-                    )
-                )
+                jobs.append(Job("final", arm, r, run_dir, seed, dict(best.params),
+                                resume=last_checkpoint(run_dir).is_file()))  # fmt: skip
+        # seed-major: an early stop leaves every arm with the same seeds
+        jobs.sort(key=lambda job: (job.seed, list(spec.arms).index(job.arm)))
         if jobs:
             self._stop_if_asked()
             outcomes = list(zip(jobs, self._launch(jobs), strict=True))

@@ -48,6 +48,7 @@ _RESERVED = {
     "arm": "the comparison sets arm=<arm name>",
     "test": "the comparison sets test=false for trials and test=true for final runs",
     "trial": "the comparison numbers the trials",
+    "replicate": "the comparison numbers the replicates (compare.replicates=R)",
 }
 
 
@@ -93,6 +94,11 @@ class Arm:
     keys: tuple[str, ...] = ()
 
 
+#: Settings added to the record after the first comparisons were written, with the value that
+#: every earlier comparison had: their records lack the key and still resume.
+_ADDED_KEYS: dict[str, Any] = {"replicates": 1}
+
+
 @dataclass(frozen=True)
 class CompareSettings:
     """What a comparison runs with (module docstring); build it with :meth:`from_config`."""
@@ -101,6 +107,8 @@ class CompareSettings:
     trials: int
     seeds: int
     final_seed_base: int
+    #: independent tuning studies per arm (compare.replicates), each with its own final runs
+    replicates: int
     #: trainer.max_epochs of every job
     max_epochs: Any
     # the search
@@ -121,15 +129,24 @@ class CompareSettings:
     #: the comparison dir that ``resume=`` names, resolved; None for a new comparison
     resume: Path | None = None
 
+    def final_seeds_of(self, replicate: int) -> list[int]:
+        """Final run ``j`` of replicate ``r`` of every arm trains with seed
+        ``final_seed_base + r·seeds + j``: the same seeds in every arm (paired), other seeds in
+        every replicate, never a tuning seed."""
+        first = self.final_seed_base + replicate * self.seeds
+        return list(range(first, first + self.seeds))
+
+    def tune_seed(self, replicate: int, trial: int) -> int:
+        """Trial ``i`` of replicate ``r`` of every arm trains with seed ``r·trials + i``."""
+        return replicate * self.trials + trial
+
     @property
     def final_seeds(self) -> list[int]:
-        """Final run ``j`` of every arm trains with seed ``final_seed_base + j``."""
-        return [self.final_seed_base + j for j in range(self.seeds)]
+        return [s for r in range(self.replicates) for s in self.final_seeds_of(r)]
 
     @property
     def tune_seeds(self) -> list[int]:
-        """Trial ``i`` of every arm trains with seed ``i``."""
-        return list(range(self.trials))
+        return [self.tune_seed(r, i) for r in range(self.replicates) for i in range(self.trials)]
 
     @property
     def overrides(self) -> list[str]:
@@ -144,6 +161,7 @@ class CompareSettings:
             "arm_keys": {name: list(arm.keys) for name, arm in self.arms.items()},
             "trials": self.trials,
             "seeds": self.seeds,
+            "replicates": self.replicates,
             "final_seeds": self.final_seeds,
             "tune_seeds": self.tune_seeds,
             "space": dict(self.space_text),
@@ -164,7 +182,13 @@ class CompareSettings:
             saved["overrides"] = [
                 o for o in saved["overrides"] if not is_bookkeeping(override_key(str(o)))
             ]
-        return [key for key, value in record.items() if value != saved.get(key)]
+        # a key added since the record was written matches while it keeps its default
+        absent_default = {k: v for k, v in _ADDED_KEYS.items() if k not in saved}
+        return [
+            key
+            for key, value in record.items()
+            if value != saved.get(key) and absent_default.get(key, object()) != value
+        ]
 
     @classmethod
     def from_config(
@@ -199,12 +223,14 @@ class CompareSettings:
             2,
             " (the standard error of the final test accuracy needs at least two seeds)",
         )
+        replicates = _require_int(cmp.get("replicates", 1), "compare.replicates", 1)
         base = _require_int(
             cmp.get("final_seed_base"),
             "compare.final_seed_base",
-            trials,
-            ", so that no final seed is a tuning seed (trial i trains with seed i)",
-            minimum_text=f"compare.trials ({trials})",
+            trials * replicates,
+            ", so that no final seed is a tuning seed (trial i of replicate r trains with seed "
+            "r·trials + i)",
+            minimum_text=f"compare.trials × compare.replicates ({trials * replicates})",
         )
         sampler = cmp.get("sampler")
         if sampler not in ("tpe", "random"):
@@ -226,6 +252,7 @@ class CompareSettings:
             trials=trials,
             seeds=seeds,
             final_seed_base=base,
+            replicates=replicates,
             max_epochs=OmegaConf.select(config, "trainer.max_epochs"),
             sampler=sampler,
             sampler_seed=sampler_seed,

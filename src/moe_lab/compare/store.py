@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -42,7 +43,10 @@ from moe_lab.run.comparison import (
     is_comparison_dir,
     read_record,
     settle_heartbeat,
+    study_name,
     study_storage,
+    tune_dir,
+    write_heartbeat,
     write_record,
 )
 from moe_lab.run.record import read_summary_data as read_summary
@@ -53,7 +57,9 @@ from moe_lab.utils.io import atomic_write_text
 from .settings import CompareSettings
 
 __all__ = [
+    "HEARTBEAT_S",
     "ComparisonStore",
+    "Heartbeat",
     "check_study",
     "hold_job_lock",
     "open_store",
@@ -145,12 +151,40 @@ def _take_lock(comparison_dir: Path) -> IO[str]:
     return handle
 
 
+#: Seconds between the running session's heartbeats.
+HEARTBEAT_S = 5.0
+
+
+class Heartbeat:
+    """A daemon thread that rewrites the session's heartbeat every :data:`HEARTBEAT_S` seconds,
+    so a kill at any instant leaves the session's wall time (up to its last beat) on disk."""
+
+    def __init__(self, path: Path, started_at: str, started: float, resumed: bool) -> None:
+        self._done = threading.Event()
+
+        def beat() -> None:
+            while True:
+                with contextlib.suppress(OSError):  # a full disk must not end the comparison
+                    write_heartbeat(path, started_at, time.perf_counter() - started, resumed)
+                if self._done.wait(HEARTBEAT_S):
+                    return
+
+        self._thread = threading.Thread(target=beat, name="moe_lab-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=HEARTBEAT_S)
+
+
 class ComparisonStore:
     """An open comparison dir, locked by this process (:func:`open_store` makes one)."""
 
-    def __init__(self, path: Path, lock: IO[str]) -> None:
+    def __init__(self, path: Path, lock: IO[str], batch_size: int = 1) -> None:
         self.path = path
         self._lock = lock
+        #: trials launched together (recorded in comparison.json, kept on resume)
+        self.batch_size = batch_size
 
     def relative(self, path: Path) -> str:
         """``path`` below the comparison dir, as the record and the log write it."""
@@ -167,17 +201,20 @@ class ComparisonStore:
         """One line per session (a resumed comparison has several): the report sums them."""
         append_session(self.path, Session(started, round(wall_time_s, 1), resumed, ended))
 
-    def studies(self, arms: Iterable[str]) -> dict[str, optuna.Study]:
-        """One study per arm (named after it) in the dir's storage, created on first use."""
+    def studies(self, arms: Iterable[str], replicates: int) -> dict[tuple[str, int], optuna.Study]:
+        """One study per arm and replicate (:func:`~moe_lab.run.comparison.study_name`) in the
+        dir's storage, created on first use; keyed ``(arm, replicate)``, replicates outermost
+        (a resumed dir's study was checked when it was opened: :func:`check_study`)."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return {  # a resumed dir's study was checked when it was opened (check_study)
-            name: optuna.create_study(
+        return {
+            (arm, r): optuna.create_study(
                 storage=study_storage(self.path),
-                study_name=name,
+                study_name=study_name(arm, r),
                 direction="maximize",
                 load_if_exists=True,
             )
-            for name in arms
+            for r in range(replicates)
+            for arm in arms
         }
 
     def set_aside(self, run_dir: Path) -> None:
@@ -204,7 +241,7 @@ class ComparisonStore:
 _TRIAL_DIR = re.compile(r"^trial_(\d+)$")
 
 
-def check_study(path: Path, arms: Iterable[str]) -> None:
+def check_study(path: Path, arms: Iterable[str], replicates: int = 1) -> None:
     """Refuse a comparison dir whose ``study.db`` cannot be read, or disagrees with the trial
     dirs on disk (an emptied or replaced study would silently restart tuning).
 
@@ -228,22 +265,45 @@ def check_study(path: Path, arms: Iterable[str]) -> None:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"{db} is not a readable Optuna study ({first}); {keep}") from None
     for arm in arms:
-        numbers = [
-            int(match.group(1))
-            for child in (path / "tune" / arm).glob("trial_*")
-            if (match := _TRIAL_DIR.match(child.name)) and read_summary(child) is not None
-        ]
-        if numbers and max(numbers) >= counts.get(arm, 0):
-            raise ConfigError(
-                f"{db} holds {counts.get(arm, 0)} trial(s) of arm {arm!r}, but tune/{arm}/ has "
-                f"run dirs up to trial_{max(numbers):03d}: the study was emptied or replaced "
-                f"and would rerun finished trials; {keep}"
-            )
+        for r in range(replicates):
+            trials_dir = path / tune_dir(arm, r, 0, replicates).parent
+            numbers = [
+                int(match.group(1))
+                for child in trials_dir.glob("trial_*")
+                if (match := _TRIAL_DIR.match(child.name)) and read_summary(child) is not None
+            ]
+            n = counts.get(study_name(arm, r), 0)
+            if numbers and max(numbers) >= n:
+                raise ConfigError(
+                    f"{db} holds {n} trial(s) of study {study_name(arm, r)!r}, but "
+                    f"{trials_dir.relative_to(path)}/ has run dirs up to trial_{max(numbers):03d}: "
+                    f"the study was emptied or replaced and would rerun finished trials; {keep}"
+                )
 
 
-def open_store(settings: CompareSettings, config: DictConfig, command: str) -> ComparisonStore:
+def _kept_batch_size(settings: CompareSettings, record: ComparisonRecord, now: int) -> int:
+    """The batch size a resume launches with: the recorded one (which trials TPE proposes
+    depends on it, so a resume under another launcher or n_jobs proposes exactly what the
+    uninterrupted comparison would have); ConfigError when the command asks for another."""
+    if record.batch_size is None:  # recorded before comparisons kept it
+        return now
+    if settings.batch_size is not None and settings.batch_size != record.batch_size:
+        raise ConfigError(
+            f"resume={settings.resume}: the comparison was started with batch size "
+            f"{record.batch_size} (trials launched together, which decides what TPE proposes); "
+            f"a resume keeps it: drop compare.batch_size={settings.batch_size} or set it to "
+            f"{record.batch_size}"
+        )
+    return record.batch_size
+
+
+def open_store(
+    settings: CompareSettings, config: DictConfig, command: str, batch_size: int
+) -> ComparisonStore:
     """The comparison dir, locked: the one ``settings.resume`` names, after checking that it was
     started with the same settings, or else a new one in ``compare.dir`` with its record.
+    ``batch_size``: the trials this launcher would launch together; a new comparison records
+    it, a resume keeps the recorded one (:attr:`ComparisonStore.batch_size`).
 
     Points ``hydra.sweep.dir`` of ``config`` at the dir: the launchers create it, and the report
     callback reads it.
@@ -268,13 +328,14 @@ def open_store(settings: CompareSettings, config: DictConfig, command: str) -> C
                 f"{record.command}"
             )
         path = resume
-        check_study(path, settings.arms)
+        batch_size = _kept_batch_size(settings, record, batch_size)
+        check_study(path, settings.arms, settings.replicates)
     else:
         path = Path(str(OmegaConf.select(config, "compare.dir"))).expanduser().resolve()
         if (path / MARKER).exists():
             raise ConfigError(f"{path} already holds a comparison; resume it with resume=")
     path.mkdir(parents=True, exist_ok=True)
-    store = ComparisonStore(path, _take_lock(path))
+    store = ComparisonStore(path, _take_lock(path), batch_size)
     if resume is not None:
         killed = settle_heartbeat(path)
         if killed is not None:
@@ -290,6 +351,7 @@ def open_store(settings: CompareSettings, config: DictConfig, command: str) -> C
             experiment=config.get("experiment_name"),
             command=command,
             baseline=settings.baseline,
+            batch_size=batch_size,
         )
         write_record(path, record)
         atomic_write_text(path / MULTIRUN_FILE, OmegaConf.to_yaml(config))

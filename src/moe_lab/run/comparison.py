@@ -57,6 +57,9 @@ class ComparisonRecord(JsonRecord):
     created: str = field(default_factory=lambda: dt.datetime.now().isoformat(timespec="seconds"))
     command: str = ""
     baseline: str | None = None
+    #: trials launched together (compare.batch_size, or one per arm per launcher worker) as the
+    #: comparison started: which trials TPE proposes depends on it, so a resume keeps it
+    batch_size: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,6 +76,36 @@ class Session:
     wall_time_s: float
     resumed: bool
     ended: str = "finished"
+
+
+# -- the dir's layout: studies and run dirs ----------------------------------------------------
+
+
+def study_name(arm: str, replicate: int) -> str:
+    """The Optuna study of an arm's replicate: the arm's name (replicate 0, as every comparison
+    before replicates), ``<arm>@r<r>`` for the others."""
+    return arm if replicate == 0 else f"{arm}@r{replicate}"
+
+
+def parse_study_name(name: str) -> tuple[str, int]:
+    """``(arm, replicate)`` of a study name (:func:`study_name`)."""
+    arm, sep, rest = name.rpartition("@r")
+    return (arm, int(rest)) if sep and rest.isdigit() else (name, 0)
+
+
+def _replicate_part(replicate: int, replicates: int) -> tuple[str, ...]:
+    return () if replicates == 1 else (f"r{replicate}",)
+
+
+def tune_dir(arm: str, replicate: int, trial: int, replicates: int) -> Path:
+    """``tune/<arm>/trial_<i>`` (``tune/<arm>/r<r>/trial_<i>`` with several replicates),
+    relative to the comparison dir."""
+    return Path("tune", arm, *_replicate_part(replicate, replicates), f"trial_{trial:03d}")
+
+
+def final_dir(arm: str, replicate: int, seed: int, replicates: int) -> Path:
+    """``final/<arm>/seed_<s>`` (``final/<arm>/r<r>/seed_<s>`` with several replicates)."""
+    return Path("final", arm, *_replicate_part(replicate, replicates), f"seed_{seed}")
 
 
 def is_comparison_dir(path: str | Path) -> bool:
@@ -189,12 +222,16 @@ __all__ = [
     "append_log",
     "append_session",
     "end_heartbeat",
+    "final_dir",
     "has_study_db",
     "is_comparison_dir",
+    "parse_study_name",
     "read_record",
     "read_sessions",
     "settle_heartbeat",
+    "study_name",
     "study_storage",
+    "tune_dir",
     "write_heartbeat",
     "write_record",
 ]

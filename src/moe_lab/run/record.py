@@ -107,6 +107,7 @@ class RunSummary(JsonRecord):
     stage: str | None = _field(doc="'tune' (a comparison's trial), 'final', or null", kind="str")
     arm: str | None = _field(doc="the comparison arm this run belongs to, or null", kind="str")
     trial: int | None = _field(doc="the tuning trial's number within its arm's study", kind="int")
+    replicate: int | None = _field(doc="the comparison replicate (tuning study) of the run", kind="int")  # fmt: skip
     # -- model facts (moe_lab.models.ModelFacts)
     params: int | None = _field(doc="trainable parameters", kind="int", required=True)
     flops_per_example: int | None = _field(doc="forward FLOPs per example", kind="int")

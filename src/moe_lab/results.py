@@ -1,0 +1,131 @@
+"""``python -m moe_lab.results COMPARISON_DIR [COMPARISON_DIR ...] [--out FILE]``: the README's
+result block, rendered from comparison dirs, never typed.
+
+Per comparison: its dataset, the table (params, FLOPs per example, final test accuracy, and
+against the baseline the paired difference with its bootstrap interval, Holm's p and P(arm >
+baseline)), the budget, the command, the commit the runs were made at, the wall time (set-up and
+report excluded, as the comparison records its sessions) and the path of its EVP figure; then
+the verdicts. Everything comes from the same statistics as the comparison's own report
+(:func:`moe_lab.analysis.comparison.comparison_info`).
+
+Exit status: 0, or 2 with one line on stderr when a dir is not a comparison or cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from moe_lab.analysis.comparison import ComparisonInfo, comparison_info, load_comparison
+from moe_lab.analysis.format import cell, fmt_duration, fmt_int, fmt_pct, table
+from moe_lab.analysis.verdicts import axis_phrase, verdict
+from moe_lab.run.comparison import read_sessions
+from moe_lab.run.record import read_summary_data
+from moe_lab.run.report_files import COMPARE_REPORT_FILES
+
+
+def _commits(info: ComparisonInfo) -> str:
+    """The commit(s) the final runs were made at (as their records say)."""
+    finals = info.data.runs[info.data.runs["stage"] == "final"]
+    commits = set()
+    for run_dir in finals["run_dir"]:
+        summary = read_summary_data(Path(run_dir)) or {}
+        commits.add(summary.get("git_commit") or "unknown (an installed wheel)")
+    return ", ".join(f"`{c}`" for c in sorted(commits)) or "no final run"
+
+
+def _vs_baseline(row, base_row) -> list[str]:
+    if row["arm"] == base_row["arm"]:
+        return ["baseline", "", "", ""]
+    if "boot_ci_low" not in row.index or row.isna().get("boot_ci_low", True):
+        return [axis_phrase(row, base_row), "no paired statistics", "", ""]
+    diff = f"{100 * row['paired_diff']:+.2f} [{100 * row['boot_ci_low']:+.2f}, {100 * row['boot_ci_high']:+.2f}]"
+    return [
+        axis_phrase(row, base_row),
+        diff.replace("-", "−"),
+        f"{row['paired_p_holm']:.3g}",
+        f"{row['p_improvement']:.2f}",
+    ]
+
+
+def render_block(info: ComparisonInfo, relative_to: Path | None = None) -> str:
+    """The markdown block of one comparison."""
+    data, summary = info.data, info.summary
+    settings = data.settings
+    base_row = summary[summary["arm"] == info.baseline].iloc[0]
+    header = ["arm", "params", "FLOPs / example", "test acc (%)", "baseline is",
+              "Δ vs baseline (pp) [95% bootstrap CI]", "p (Holm)", "P(arm > baseline)"]  # fmt: skip
+    rows = [
+        [
+            cell(row["label"]),
+            fmt_int(row["params"]),
+            fmt_int(row["flops_per_example"]),
+            fmt_pct(row["test_acc_mean"], row["test_acc_se"]) + f" (n={int(row['final_n'])})",
+            *_vs_baseline(row, base_row),
+        ]
+        for _, row in summary.iterrows()
+    ]
+    sessions = read_sessions(data.dir)
+    wall = sum(float(s.get("wall_time_s") or 0) for s in sessions)
+    evp = data.dir / COMPARE_REPORT_FILES["evp_png"]
+    if relative_to is not None and evp.is_relative_to(relative_to):
+        evp = evp.relative_to(relative_to)
+    replicates = data.replicates
+    budget = (
+        f"{settings['trials']} trials × {settings.get('max_epochs')} epochs per arm"
+        + (f" and replicate ({replicates} replicates)" if replicates > 1 else "")
+        + f", then {settings['seeds']} final seeds"
+        + (" per replicate" if replicates > 1 else "")
+    )
+    others = summary[summary["arm"] != info.baseline]
+    epochs = settings.get("max_epochs")
+    lines = [
+        f"#### {data.record.experiment or data.dir.name}",
+        "",
+        table(header, rows, right={1, 2, 3, 5, 6, 7}),
+        "",
+        f"- Budget: {budget}; baseline `{info.baseline}`.",
+        f"- Command: `{data.record.command}`",
+        f"- Commit of the runs: {_commits(info)}",
+        f"- Wall time: {fmt_duration(wall)} over {len(sessions)} session(s) (set-up and report "
+        "excluded).",
+        f"- Expected validation performance: [{evp}]({evp})",
+        *(
+            f"- {verdict(row, base_row, int(settings['trials']), epochs, replicates)}"
+            for _, row in others.iterrows()
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_lab.results",
+        description="Render the README's result block from comparison dirs (their runs, never "
+        "typed numbers).",
+    )
+    parser.add_argument("comparison_dirs", nargs="+", metavar="COMPARISON_DIR")
+    parser.add_argument("--out", type=Path, default=None, help="write the block here as well")
+    parser.add_argument(
+        "--relative-to", type=Path, default=Path.cwd(), help="figure paths relative to this dir"
+    )
+    args = parser.parse_args(argv)
+    blocks = []
+    for path in args.comparison_dirs:
+        try:
+            info = comparison_info(load_comparison(path))
+        except (OSError, ValueError) as err:
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 2
+        blocks.append(render_block(info, args.relative_to.resolve()))
+    text = "\n".join(blocks)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
