@@ -152,6 +152,10 @@ class ComparisonStore:
         self.path = path
         self._lock = lock
 
+    def close(self) -> None:
+        """Release the dir's lock (the process's exit releases it too)."""
+        self._lock.close()
+
     def relative(self, path: Path) -> str:
         """``path`` below the comparison dir, as the record and the log write it."""
         return path.relative_to(self.path).as_posix()
@@ -268,7 +272,6 @@ def open_store(settings: CompareSettings, config: DictConfig, command: str) -> C
                 f"{record.command}"
             )
         path = resume
-        check_study(path, settings.arms)
     else:
         path = Path(str(OmegaConf.select(config, "compare.dir"))).expanduser().resolve()
         if (path / MARKER).exists():
@@ -276,6 +279,11 @@ def open_store(settings: CompareSettings, config: DictConfig, command: str) -> C
     path.mkdir(parents=True, exist_ok=True)
     store = ComparisonStore(path, _take_lock(path))
     if resume is not None:
+        try:  # only once the dir is ours: another comparison may be writing it
+            check_study(path, settings.arms)
+        except ConfigError:
+            store.close()
+            raise
         killed = settle_heartbeat(path)
         if killed is not None:
             store.log(
