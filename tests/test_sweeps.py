@@ -130,7 +130,7 @@ def test_experiment_presets_compose(experiment: str) -> None:
         assert cfg.scheduler.decay == 1e-6 and cfg.scheduler_interval == "step"
         assert (cfg.activation.expert, cfg.activation.gating) == ("relu", "softmax")
     if experiment == "controlled_cifar10":
-        assert params.model == "cnn,moe,cnn_matched" and cfg.data.val_split > 0
+        assert params.model == "cnn,moe,cnn_flop_matched,cnn_matched" and cfg.data.val_split > 0
     if experiment == "experts_sweep":
         assert params.experts == "k1,k2,k4,k8"
 

@@ -186,6 +186,10 @@ class ComparisonStore:
         #: trials launched together (recorded in comparison.json, kept on resume)
         self.batch_size = batch_size
 
+    def close(self) -> None:
+        """Release the dir's lock (the process's exit releases it too)."""
+        self._lock.close()
+
     def relative(self, path: Path) -> str:
         """``path`` below the comparison dir, as the record and the log write it."""
         return path.relative_to(self.path).as_posix()
@@ -329,7 +333,6 @@ def open_store(
             )
         path = resume
         batch_size = _kept_batch_size(settings, record, batch_size)
-        check_study(path, settings.arms, settings.replicates)
     else:
         path = Path(str(OmegaConf.select(config, "compare.dir"))).expanduser().resolve()
         if (path / MARKER).exists():
@@ -337,6 +340,11 @@ def open_store(
     path.mkdir(parents=True, exist_ok=True)
     store = ComparisonStore(path, _take_lock(path), batch_size)
     if resume is not None:
+        try:  # only once the dir is ours: another comparison may be writing it
+            check_study(path, settings.arms, settings.replicates)
+        except ConfigError:
+            store.close()
+            raise
         killed = settle_heartbeat(path)
         if killed is not None:
             store.log(
