@@ -234,7 +234,9 @@ def test_summary_numbers_match_the_raw_runs(tiny) -> None:
         statistics.fmean(accs["moe"]) - statistics.fmean(accs["cnn"])
     )
     report = (comparison / "report.md").read_text()
-    assert "moe K=2 vs cnn at an equal budget of 3 trials × 1 epoch per arm:" in report
+    # the verdict names the matching axis: the plain cnn against its 4x larger MoE twin
+    assert "moe K=2 vs cnn (" in report and "× FLOPs, " in report
+    assert ") at an equal budget of 3 trials × 1 epoch per arm:" in report
     assert "Expected validation performance" in report
 
 
@@ -246,7 +248,7 @@ def test_rebuilding_the_report(tiny, tmp_path: Path, capsys) -> None:
     assert report_main([str(comparison), "--baseline", "moe"]) == 0
     summary = pd.read_csv(comparison / "summary.csv").set_index("arm")
     assert summary.loc["moe", "is_baseline"] and not summary.loc["cnn", "is_baseline"]
-    assert "cnn vs moe K=2 at an equal budget" in (comparison / "report.md").read_text()
+    assert "cnn vs moe K=2 (" in (comparison / "report.md").read_text()
     assert report_main([str(comparison), "--baseline", "nope"]) == 2
     assert "not one of the arms" in capsys.readouterr().err
     assert report_main([str(tmp_path)]) == 2
@@ -354,7 +356,9 @@ def test_an_emptied_study_db_never_reruns_finished_trials(tiny, tmp_path: Path, 
     assert proc.returncode == 2
     line = _one_line_error(proc)
     assert str(db) in line
-    assert ("is empty (0 bytes)" if how == "truncated" else "holds 0 trial(s) of arm 'cnn'") in line
+    assert (
+        "is empty (0 bytes)" if how == "truncated" else "holds 0 trial(s) of study 'cnn'"
+    ) in line
     assert {p: p.stat().st_mtime_ns for p in copy.rglob("summary.json")} == before
     assert not list(copy.rglob(".killed"))
 
