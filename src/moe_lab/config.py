@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import sys
@@ -118,12 +119,34 @@ def validate_train_config(cfg: DictConfig) -> None:
     )
     if cfg.get("num_threads") is not None:
         _require(cfg, "num_threads", lambda v: _is_int(v) and v >= 1, "a positive integer or null")
+    _check_temperature_schedule(cfg)
     weights = cfg.experts.get("aux_loss_weights") or {}
     for name, weight in weights.items():
         if not isinstance(weight, (int, float)) or weight < 0:
             raise ConfigError(
                 f"experts.aux_loss_weights.{name}={weight!r} is invalid: expected a number >= 0"
             )
+
+
+def _check_temperature_schedule(cfg: DictConfig) -> None:
+    """``experts.gate_temperature_schedule``: null, or ``{start: > 0, end: > 0, epochs: >= 1}``."""
+    key = "experts.gate_temperature_schedule"
+    schedule = OmegaConf.select(cfg, key, default=None)
+    if schedule is None:
+        return
+    if not OmegaConf.is_dict(schedule) or set(schedule) != {"start", "end", "epochs"}:
+        raise ConfigError(
+            f"{key}={_plain(schedule)!r} is invalid: expected null or a mapping "
+            f"{{start: tau0, end: tau1, epochs: N}} (e.g. {key}={{start:30,end:1,epochs:10}})"
+        )
+    for name in ("start", "end"):
+        _require(
+            cfg,
+            f"{key}.{name}",
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf,
+            "a finite number > 0",
+        )
+    _require(cfg, f"{key}.epochs", lambda v: _is_int(v) and v >= 1, "a positive integer")
 
 
 class ResumeRefused(ConfigError):
