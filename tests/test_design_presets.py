@@ -169,3 +169,30 @@ def test_a_bad_schedule_is_a_config_error(tmp_path: Path, schedule: str) -> None
     )
     with pytest.raises(ConfigError, match=r"experts\.gate_temperature_schedule"):
         validate_train_config(cfg)
+
+
+def test_a_run_recorded_before_the_design_keys_still_resumes(tmp_path: Path) -> None:
+    """A record without the new keys (a run started before them) has the same experiment as the
+    same config today, unless a new key is set to something else."""
+    from moe_lab.config import RESUME_KEYS, _differences, _resolved
+
+    def differences(overrides: list[str]) -> list[str]:
+        current = compose_config(overrides, output_dir=tmp_path)
+        old = OmegaConf.create(OmegaConf.to_container(current, resolve=True))
+        for key in ("activation_placement", "variance_preserving_init", "gating_activation",
+                    "gate_temperature_schedule"):  # fmt: skip
+            old.experts.pop(key)
+        for key in ("activation_placement", "variance_preserving_init"):
+            old.model.pop(key)
+        old.data.topology.pop("batch_norm")
+        now = compose_config(overrides, output_dir=tmp_path)
+        return [
+            d
+            for k in RESUME_KEYS
+            for d in _differences(_resolved(old.get(k)), _resolved(now.get(k)), k)
+        ]
+
+    assert differences(["experts=k4"]) == []
+    assert differences(["experts=k4", "data.topology.batch_norm=true"]) == [
+        "data.topology.batch_norm: None -> True"
+    ]

@@ -168,6 +168,18 @@ def _resolved(node: Any) -> Any:
 RESUME_KEYS = ("data", "model", "experts", "activation", "optimizer", "scheduler", "seed")
 # ...except where things live: a moved data dir is the same data
 _RESUME_IGNORED = {("data", "data_dir")}
+# Keys the configs gained after runs were recorded without them: a record that lacks one compares
+# equal to the value that computes what the run computed (None: any value, for
+# experts.gating_activation, whose effective value model.gating_activation holds and is compared)
+_ADDED_KEYS: dict[str, Any] = {
+    "data.topology.batch_norm": False,
+    "experts.activation_placement": "before_mix",
+    "experts.variance_preserving_init": False,
+    "experts.gate_temperature_schedule": None,
+    "experts.gating_activation": None,
+    "model.activation_placement": "before_mix",
+    "model.variance_preserving_init": False,
+}
 
 
 def _differences(original: Any, current: Any, prefix: str) -> list[str]:
@@ -176,6 +188,9 @@ def _differences(original: Any, current: Any, prefix: str) -> list[str]:
         out: list[str] = []
         for key in sorted(set(original) | set(current), key=str):
             if (prefix, key) in _RESUME_IGNORED:
+                continue
+            added = _ADDED_KEYS.get(f"{prefix}.{key}", ...)
+            if key not in original and added is not ... and added in (None, current.get(key)):
                 continue
             out += _differences(original.get(key), current.get(key), f"{prefix}.{key}")
         return out
