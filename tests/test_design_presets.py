@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from conftest import compose_train
 from moe_lab.assembly import experts_callbacks
 from moe_lab.config import ConfigError, compose_config, validate_train_config
+from moe_lab.eval import load_weights
 from moe_lab.lit import Classifier, GateTemperatureSchedule
 from moe_lab.lit.temperature import scheduled_temperature
 from moe_lab.models import ConvNet
@@ -100,6 +101,21 @@ def test_preset_trains_as_a_run(tmp_path: Path, data_dir: Path, preset: str) -> 
     # checkpoints keep the temperature their epoch was validated with
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert set(last["moe_lab_gate_temperature"].values()) == {1.0}
+
+
+def test_eval_scores_a_checkpoint_at_its_temperature(tmp_path: Path) -> None:
+    """moe_lab.eval loads the weights itself: it sets the checkpoint's temperature too."""
+    net = ConvNet((1, 12), 3, TOPOLOGY, kind="moe", n_experts=2)
+    module = Classifier(net, num_classes=3, optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    saved: dict = {}
+    for layer in net.moe_layers().values():
+        layer.gate_temperature = 7.0
+    module.on_save_checkpoint(saved)
+    torch.save({"state_dict": module.state_dict(), **saved}, tmp_path / "x.ckpt")
+    for layer in net.moe_layers().values():
+        layer.gate_temperature = 1.0
+    load_weights(module, tmp_path / "x.ckpt")
+    assert {m.gate_temperature for m in net.moe_layers().values()} == {7.0}
 
 
 def test_scheduled_temperature_is_linear_then_constant() -> None:

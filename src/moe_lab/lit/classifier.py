@@ -253,6 +253,10 @@ class Classifier(L.LightningModule):
         # run's history back to that epoch.
         if self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING:
             self.history = [dict(r) for r in checkpoint.get("moe_lab_history", [])]
+        self.restore_gate_temperatures(checkpoint)
+
+    def restore_gate_temperatures(self, checkpoint: Mapping[str, Any]) -> None:
+        """Set each MoE layer's ``gate_temperature`` to the checkpoint's (none recorded: unchanged)."""
         for name, tau in checkpoint.get(_TEMPERATURES, {}).items():
             if name in self.moe_layers:
                 self.moe_layers[name].gate_temperature = tau
