@@ -239,9 +239,7 @@ class ConvNet(nn.Module):
                         kernel_size=k,
                         input_size=geo.input_size,
                         padding=padding,
-                        **self._with_init_scale(
-                            moe_layer_kwargs, conv_logit_variance(moe_layer_kwargs, geo.input_size)
-                        ),
+                        **self._with_init_scale(moe_layer_kwargs, input_size=geo.input_size),
                     )
                     norm = out_channels if spec.batch_norm else None
                     self._after_moe(features, norm, (f"block{i}_bn{j}", f"block{i}_act{j}"))
@@ -264,17 +262,24 @@ class ConvNet(nn.Module):
         return features, channels
 
     def _with_init_scale(
-        self, kwargs: dict[str, Any], logit_variance: float, dense: bool = False
+        self,
+        kwargs: dict[str, Any],
+        input_size: tuple[int, ...] | None = None,
+        in_features: int | None = None,
     ) -> dict[str, Any]:
         """A MoE layer's keywords, with ``variance_preserving_init`` its expert kernel scale: the
-        std factor r for a conv layer, the variance factor r^2 for the dense layer (the layers'
-        conventions; :mod:`moe_lab.models.variance`)."""
+        std factor r for a conv layer (``input_size``), the variance factor r^2 for the dense
+        layer (``in_features``): the layers' conventions (:mod:`moe_lab.models.variance`)."""
         if not self._variance_preserving:
             return kwargs
+        if in_features is None:
+            variance = conv_logit_variance(kwargs, input_size or ())
+        else:
+            variance = dense_logit_variance(kwargs, in_features)
         r = variance_preserving_scale(
-            kwargs["n_experts"], kwargs["gating_activation"], kwargs, logit_variance
+            kwargs["n_experts"], kwargs["gating_activation"], kwargs, variance
         )
-        return {**kwargs, SCALE_KEYWORD: r * r if dense else r}
+        return {**kwargs, SCALE_KEYWORD: r if in_features is None else r * r}
 
     def _after_moe(
         self,
@@ -300,11 +305,10 @@ class ConvNet(nn.Module):
         """``Flatten, Dense(dense_units) [+ ReLU], Dropout, Linear(num_classes)``."""
         classifier: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
         if self.kind == "moe":
-            variance = dense_logit_variance(moe_layer_kwargs, flat_features)
             classifier["dense"] = DenseMoE(
                 flat_features,
                 spec.dense_units,
-                **self._with_init_scale(moe_layer_kwargs, variance, dense=True),
+                **self._with_init_scale(moe_layer_kwargs, in_features=flat_features),
             )
             self._after_moe(classifier, None, ("", "act"))
         else:
