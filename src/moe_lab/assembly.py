@@ -14,9 +14,9 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from moe_lab.lit import AtomicCheckpointIO, Classifier
+from moe_lab.lit import AtomicCheckpointIO, Classifier, GateTemperatureSchedule
 from moe_lab.lit.progress import MetricsProgressBar
 from moe_lab.models import ModelFacts
 
@@ -71,6 +71,16 @@ def build_network(cfg: DictConfig) -> ModelFacts:
     return facts
 
 
+def experts_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The callbacks the experts config asks for, whatever the callbacks group holds: with
+    ``experts.gate_temperature_schedule`` set, the :class:`GateTemperatureSchedule` (which
+    leaves a model without MoE layers alone); none otherwise."""
+    schedule = OmegaConf.select(cfg, "experts.gate_temperature_schedule", default=None)
+    if schedule is None:
+        return []
+    return [GateTemperatureSchedule(**OmegaConf.to_container(schedule, resolve=True))]
+
+
 def assemble_run(cfg: DictConfig, **trainer_overrides: Any) -> RunParts:
     """Instantiate data, module, loggers, callbacks and trainer from a composed config.
 
@@ -83,6 +93,7 @@ def assemble_run(cfg: DictConfig, **trainer_overrides: Any) -> RunParts:
     module, facts = build_module(cfg, datamodule)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks += experts_callbacks(cfg)
     # where the trainer shows a progress bar, one with the running loss and accuracy
     show_bar = trainer_overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar"))
     if show_bar and not any(isinstance(c, ProgressBar) for c in callbacks):

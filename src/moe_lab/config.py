@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import sys
@@ -118,12 +119,34 @@ def validate_train_config(cfg: DictConfig) -> None:
     )
     if cfg.get("num_threads") is not None:
         _require(cfg, "num_threads", lambda v: _is_int(v) and v >= 1, "a positive integer or null")
+    _check_temperature_schedule(cfg)
     weights = cfg.experts.get("aux_loss_weights") or {}
     for name, weight in weights.items():
         if not isinstance(weight, (int, float)) or weight < 0:
             raise ConfigError(
                 f"experts.aux_loss_weights.{name}={weight!r} is invalid: expected a number >= 0"
             )
+
+
+def _check_temperature_schedule(cfg: DictConfig) -> None:
+    """``experts.gate_temperature_schedule``: null, or ``{start: > 0, end: > 0, epochs: >= 1}``."""
+    key = "experts.gate_temperature_schedule"
+    schedule = OmegaConf.select(cfg, key, default=None)
+    if schedule is None:
+        return
+    if not OmegaConf.is_dict(schedule) or set(schedule) != {"start", "end", "epochs"}:
+        raise ConfigError(
+            f"{key}={_plain(schedule)!r} is invalid: expected null or a mapping "
+            f"{{start: tau0, end: tau1, epochs: N}} (e.g. {key}={{start:30,end:1,epochs:10}})"
+        )
+    for name in ("start", "end"):
+        _require(
+            cfg,
+            f"{key}.{name}",
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf,
+            "a finite number > 0",
+        )
+    _require(cfg, f"{key}.epochs", lambda v: _is_int(v) and v >= 1, "a positive integer")
 
 
 class ResumeRefused(ConfigError):
@@ -145,6 +168,18 @@ def _resolved(node: Any) -> Any:
 RESUME_KEYS = ("data", "model", "experts", "activation", "optimizer", "scheduler", "seed")
 # ...except where things live: a moved data dir is the same data
 _RESUME_IGNORED = {("data", "data_dir")}
+# Keys the configs gained after runs were recorded without them: a record that lacks one compares
+# equal to the value that computes what the run computed (None: any value, for
+# experts.gating_activation, whose effective value model.gating_activation holds and is compared)
+_ADDED_KEYS: dict[str, Any] = {
+    "data.topology.batch_norm": False,
+    "experts.activation_placement": "before_mix",
+    "experts.variance_preserving_init": False,
+    "experts.gate_temperature_schedule": None,
+    "experts.gating_activation": None,
+    "model.activation_placement": "before_mix",
+    "model.variance_preserving_init": False,
+}
 
 
 def _differences(original: Any, current: Any, prefix: str) -> list[str]:
@@ -153,6 +188,9 @@ def _differences(original: Any, current: Any, prefix: str) -> list[str]:
         out: list[str] = []
         for key in sorted(set(original) | set(current), key=str):
             if (prefix, key) in _RESUME_IGNORED:
+                continue
+            added = _ADDED_KEYS.get(f"{prefix}.{key}", ...)
+            if key not in original and added is not ... and added in (None, current.get(key)):
                 continue
             out += _differences(original.get(key), current.get(key), f"{prefix}.{key}")
         return out

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from moe_lab import console
 from moe_lab.assembly import build_module, set_process_options
 from moe_lab.config import CONFIG_DIR, ConfigError
+from moe_lab.lit import Classifier
 from moe_lab.run.record import EVAL_FILE, EvalRecord, hydra_config_path
 from moe_lab.run.resolvers import _interactive
 from moe_lab.utils.io import atomic_write_json
@@ -134,6 +135,8 @@ def load_weights(module: torch.nn.Module, ckpt: Path) -> None:
             f"ckpt_path={ckpt}: its weights do not fit the network its run's config builds "
             f"(was the run's config edited?): {err}"
         ) from err
+    if isinstance(module, Classifier):  # the gates' temperature is no weight, but the model's
+        module.restore_gate_temperatures(state)
 
 
 class _CountExamples(L.Callback):

@@ -3,6 +3,7 @@
 from .callbacks import AtomicCheckpointIO, DivergedError, DivergenceMonitor, EpochSeeder
 from .classifier import Classifier
 from .optim import InverseTimeDecay, keras_decay
+from .temperature import GateTemperatureSchedule
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -10,6 +11,7 @@ __all__ = [
     "DivergedError",
     "DivergenceMonitor",
     "EpochSeeder",
+    "GateTemperatureSchedule",
     "InverseTimeDecay",
     "keras_decay",
 ]

@@ -21,6 +21,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from moe_lab.layers import AUX_LOSS_NAMES, MoEBase
 from moe_lab.utils.io import atomic_write_text
 
+#: the checkpoint's entry holding each MoE layer's gate temperature (by qualified name)
+_TEMPERATURES = "moe_lab_gate_temperature"
+
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], Any]
 
@@ -36,7 +39,10 @@ class Classifier(L.LightningModule):
     - Each epoch's numbers (train/val loss and accuracy, learning rate, and per MoE layer the mean
       gate and load of each expert and the gate entropy on the validation set) go to the loggers,
       to ``history`` (kept in checkpoints, so a resumed run continues the same table) and, if
-      ``metrics_path`` is set, to that CSV.
+      ``metrics_path`` is set, to that CSV. A callback adds a column by setting a value in
+      ``epoch_values`` during the epoch (the gate temperature schedule's ``gate_temperature``).
+    - Checkpoints keep every MoE layer's ``gate_temperature`` (a plain attribute, not in the
+      state dict), so a checkpoint loaded to test scores at the temperature it trained with.
 
     Args:
         net: the network; ``(B, *input_shape) -> (B, num_classes)`` (kept as ``self.model``,
@@ -95,6 +101,8 @@ class Classifier(L.LightningModule):
         self._gate_sums: dict[str, dict[str, Tensor]] = {}
         self._gate_count = 0
         self.history: list[dict[str, float]] = []
+        #: values a callback records for the current epoch (name -> value): they join its row
+        self.epoch_values: dict[str, float] = {}
         self.test_result: dict[str, float] = {}
         #: the last test's ``(predicted class, label)`` per test example, in the test set's order
         self.test_predictions: tuple[np.ndarray, np.ndarray] | None = None
@@ -203,6 +211,7 @@ class Classifier(L.LightningModule):
             if self.trainer.optimizers
             else float("nan")
         )
+        row.update(self.epoch_values)
         row.update(self._gate_epoch_stats())
         self.val_loss.reset()
         self.val_acc.reset()
@@ -212,6 +221,7 @@ class Classifier(L.LightningModule):
             "val/loss": row["val_loss"],
             "val/acc": row["val_acc"],
             "lr": row["lr"],
+            **self.epoch_values,
         }
         logged.update({k: v for k, v in row.items() if k.startswith("gate/")})
         self.log_dict(logged)  # values are already reduced across processes
@@ -249,12 +259,20 @@ class Classifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["moe_lab_history"] = [dict(r) for r in self.history]
+        checkpoint[_TEMPERATURES] = {n: m.gate_temperature for n, m in self.moe_layers.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only a resumed fit continues the table; testing the best checkpoint must not roll the
         # run's history back to that epoch.
         if self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING:
             self.history = [dict(r) for r in checkpoint.get("moe_lab_history", [])]
+        self.restore_gate_temperatures(checkpoint)
+
+    def restore_gate_temperatures(self, checkpoint: Mapping[str, Any]) -> None:
+        """Set each MoE layer's ``gate_temperature`` to the checkpoint's (none recorded: unchanged)."""
+        for name, tau in checkpoint.get(_TEMPERATURES, {}).items():
+            if name in self.moe_layers:
+                self.moe_layers[name].gate_temperature = tau
 
     # -- optimisation ----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ A topology (usually ``${data.topology}`` from the dataset config) looks like::
       - {channels: [64, 64], kernel_size: 3, padding: [same, valid], pool: 2, dropout: 0.25}
     dense_units: 512
     dense_dropout: 0.5
+    batch_norm: false  # true: BatchNorm after every conv (plain or MoE), before its activation
 
 Per block:
 
@@ -39,7 +40,7 @@ from moe_lab.layers.padding import (
 )
 
 BLOCK_KEYS = ("channels", "kernel_size", "padding", "pool", "dropout")
-TOPOLOGY_KEYS = ("blocks", "dense_units", "dense_dropout")
+TOPOLOGY_KEYS = ("blocks", "dense_units", "dense_dropout", "batch_norm")
 _HINT = (
     "choose a smaller topology (override data.topology=..., e.g. fewer blocks, 'same' padding "
     "or no pooling) or a larger input"
@@ -69,6 +70,7 @@ class TopologySpec:
     blocks: tuple[BlockSpec, ...]
     dense_units: int
     dense_dropout: float
+    batch_norm: bool = False  # BatchNorm after every conv, before its activation
 
     def base_widths(self) -> tuple[int, ...]:
         """Every conv's channels (block by block), then the hidden dense width: the numbers a
@@ -94,6 +96,7 @@ class TopologySpec:
             blocks=blocks,
             dense_units=scale_width(self.dense_units, width_multiplier),
             dense_dropout=self.dense_dropout,
+            batch_norm=self.batch_norm,
         )
 
 
@@ -233,6 +236,9 @@ def parse_topology(topology: Mapping[str, Any] | TopologySpec, ndim: int) -> Top
         raise ValueError(f"topology has unknown keys {unknown}; allowed: {TOPOLOGY_KEYS}")
     if "dense_units" not in topology:
         raise ValueError("topology needs 'dense_units' (the hidden dense width, e.g. 512)")
+    batch_norm = topology.get("batch_norm", False)
+    if not isinstance(batch_norm, bool):
+        raise ValueError(f"topology.batch_norm must be true or false, got {batch_norm!r}")
     raw_blocks = topology.get("blocks") or []
     if not _is_list(raw_blocks):
         raise ValueError(f"topology.blocks must be a list of blocks, got {raw_blocks!r}")
@@ -241,6 +247,7 @@ def parse_topology(topology: Mapping[str, Any] | TopologySpec, ndim: int) -> Top
         blocks=tuple(_parse_block(i, block, ndim) for i, block in enumerate(raw_blocks)),
         dense_units=_positive_int(topology["dense_units"], "dense_units"),
         dense_dropout=_rate(topology.get("dense_dropout"), "dense_dropout"),
+        batch_norm=batch_norm,
     )
 
 

@@ -9,8 +9,10 @@ from typing import Any
 from moe_lab.layers import MoEBase
 
 # Routing options that differ from the layers' own defaults name a variant in the report
-# (``top_k`` has a field of its own).
-ROUTING_OPTIONS = ("noisy_gating", "gate_input", "expert_backend")
+# (``top_k`` has a field of its own): CondConv's one gate per layer, DynamicConv's hidden gate
+# layer, the balancing, capacity and shared experts tell those designs apart.
+ROUTING_OPTIONS = ("noisy_gating", "gate_input", "expert_backend", "gate_groups", "gate_hidden",
+                   "balance", "capacity_factor", "n_shared_experts")  # fmt: skip
 
 
 def routing_variant(moe_kwargs: Mapping[str, Any]) -> str | None:

@@ -261,6 +261,9 @@ class MetricsRow:
 
 
 METRICS_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MetricsRow))
+#: with a gate temperature schedule (``experts.gate_temperature_schedule``), the MoE layers'
+#: ``gate_temperature`` during the epoch, between :data:`METRICS_COLUMNS` and the gate columns
+GATE_TEMPERATURE_COLUMN = "gate_temperature"
 #: ``gate/<layer>/importance_<k>`` (mean gate of expert k), ``gate/<layer>/load_<k>`` (share of
 #: samples routed to k), and the layer's scalars ``gate/<layer>/entropy`` (mean gate entropy),
 #: ``gate/<layer>/dead`` (fraction of experts no sample used) and ``gate/<layer>/dropped`` (fraction
@@ -306,6 +309,7 @@ __all__ = [
     "FIELD_KINDS",
     "FINAL_STATUSES",
     "GATE_COLUMN",
+    "GATE_TEMPERATURE_COLUMN",
     "HYDRA_CONFIG",
     "HYDRA_DIR",
     "HYDRA_OVERRIDES",
