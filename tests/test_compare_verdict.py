@@ -169,7 +169,14 @@ def test_the_results_block_renders_from_the_comparison(four, capsys) -> None:
     assert "Budget: 2 trials × 1 epochs per arm and replicate (2 replicates)" in block
     assert "Command: `python -m moe_lab.compare experiment=digits" in block
     assert "Commit of the runs: `" in block and "(set-up and report excluded)" in block
-    assert "evp.png" in block
+    assert "evp.png)" in block
+    figures = root / "figures"
+    assert (
+        results_main([str(comparison), "--relative-to", str(root), "--figures", str(figures)]) == 0
+    )
+    (copy,) = figures.glob("digits_*_evp.png")
+    assert copy.read_bytes() == (comparison / "evp.png").read_bytes()
+    assert f"(figures/{copy.name})" in capsys.readouterr().out
     assert results_main([str(root)]) == 2
 
 

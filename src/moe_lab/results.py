@@ -14,6 +14,7 @@ Exit status: 0, or 2 with one line on stderr when a dir is not a comparison or c
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,8 +50,11 @@ def _vs_baseline(row, base_row) -> list[str]:
     ]
 
 
-def render_block(info: ComparisonInfo, relative_to: Path | None = None) -> str:
-    """The markdown block of one comparison."""
+def render_block(
+    info: ComparisonInfo, relative_to: Path | None = None, figures: Path | None = None
+) -> str:
+    """The markdown block of one comparison; with ``figures``, its EVP figure is copied there
+    (as ``<experiment>_<dir name>_evp.png``) and the block shows that copy."""
     data, summary = info.data, info.summary
     settings = data.settings
     base_row = summary[summary["arm"] == info.baseline].iloc[0]
@@ -69,6 +73,11 @@ def render_block(info: ComparisonInfo, relative_to: Path | None = None) -> str:
     sessions = read_sessions(data.dir)
     wall = sum(float(s.get("wall_time_s") or 0) for s in sessions)
     evp = data.dir / COMPARE_REPORT_FILES["evp_png"]
+    if figures is not None and evp.is_file():
+        figures.mkdir(parents=True, exist_ok=True)
+        copy = figures / f"{data.record.experiment or 'comparison'}_{data.dir.name}_evp.png"
+        shutil.copyfile(evp, copy)
+        evp = copy.resolve()
     if relative_to is not None and evp.is_relative_to(relative_to):
         evp = evp.relative_to(relative_to)
     replicates = data.replicates
@@ -90,7 +99,8 @@ def render_block(info: ComparisonInfo, relative_to: Path | None = None) -> str:
         f"- Commit of the runs: {_commits(info)}",
         f"- Wall time: {fmt_duration(wall)} over {len(sessions)} session(s) (set-up and report "
         "excluded).",
-        f"- Expected validation performance: [{evp}]({evp})",
+        f"![{data.record.experiment}: expected best validation accuracy vs trials]({evp})",
+        "",
         *(
             f"- {verdict(row, base_row, int(settings['trials']), epochs, replicates)}"
             for _, row in others.iterrows()
@@ -111,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--relative-to", type=Path, default=Path.cwd(), help="figure paths relative to this dir"
     )
+    parser.add_argument(
+        "--figures", type=Path, default=None, help="copy each EVP figure into this dir"
+    )
     args = parser.parse_args(argv)
     blocks = []
     for path in args.comparison_dirs:
@@ -119,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as err:
             print(f"{parser.prog}: error: {err}", file=sys.stderr)
             return 2
-        blocks.append(render_block(info, args.relative_to.resolve()))
+        blocks.append(render_block(info, args.relative_to.resolve(), args.figures))
     text = "\n".join(blocks)
     print(text)
     if args.out is not None:
