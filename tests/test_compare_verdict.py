@@ -153,6 +153,46 @@ def test_paired_statistics_match_the_raw_files(four) -> None:
         assert summary.loc[arm, "paired_p_holm"] == pytest.approx(running)
 
 
+def test_the_why_columns_match_the_runs_metrics(four) -> None:
+    """Fit (train vs validation at the last epoch), activation scales at init and at the end, and
+    the MoE layers' routing over training, recomputed from the final runs' metrics.csv."""
+    _, comparison, _ = four
+    summary = _summary(comparison)
+    report = (comparison / "report.md").read_text()
+    assert "## Why: fit, activation scale and routing (final runs)" in report
+    assert (comparison / "accuracy_vs_flops.png").is_file()
+    assert "(accuracy_vs_flops.png)" in report
+    for arm in ARMS:
+        metrics = [
+            pd.read_csv(p)
+            for p in sorted((comparison / "final" / arm).glob("r*/seed_*/metrics.csv"))
+        ]
+        assert len(metrics) == 4
+        last = [m.iloc[-1] for m in metrics]
+        train = np.mean([r["train_acc"] for r in last])
+        val = np.mean([r["val_acc"] for r in last])
+        assert summary.loc[arm, "why_train_acc"] == pytest.approx(train)
+        assert summary.loc[arm, "why_fit_gap"] == pytest.approx(train - val)
+        # every layer's scale before training is in the first row; conv and dense layers alike
+        init_columns = [
+            c for c in metrics[0].columns if c.startswith("act/") and c.endswith("/std_init")
+        ]
+        assert len(init_columns) >= 3 and all(metrics[0][init_columns].iloc[0] > 0)
+        similarity = [
+            c for c in metrics[0].columns if c.startswith("gate/") and c.endswith("/similarity")
+        ]
+        if arm == "moe":
+            expected = np.mean([np.mean([r[c] for c in similarity]) for r in last])
+            assert summary.loc[arm, "why_similarity_last"] == pytest.approx(expected)
+            entropy = [
+                c for c in metrics[0].columns if c.startswith("gate/") and c.endswith("/entropy")
+            ]
+            first = np.mean([np.mean([m.iloc[0][c] for c in entropy]) for m in metrics])
+            assert summary.loc[arm, "why_entropy_first"] == pytest.approx(first)
+        else:  # a CNN has no experts
+            assert not similarity and np.isnan(summary.loc[arm, "why_similarity_last"])
+
+
 def test_the_results_block_renders_from_the_comparison(four, capsys) -> None:
     from moe_lab.results import main as results_main
 

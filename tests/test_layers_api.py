@@ -285,3 +285,38 @@ def test_the_options_type_lists_exactly_moebase_keywords() -> None:
     for layer in (DenseMoE, Conv1dMoE, Conv2dMoE, Conv3dMoE):
         shown = inspect.signature(layer).parameters
         assert [name for name, _ in declared if name in shown] == [n for n, _ in declared]
+
+
+@pytest.mark.parametrize("make", ["dense", "conv"])
+def test_expert_similarity_against_loops(make: str) -> None:
+    """The mean cosine between a unit's different expert kernels, by explicit loops; 1 when the
+    experts are copies of one kernel."""
+    import math
+
+    from moe_lab.layers.diagnostics import expert_similarity
+
+    torch.manual_seed(0)
+    layer = DenseMoE(5, 3, 4) if make == "dense" else Conv2dMoE(2, 3, 4, 3, (6, 6))
+    w = layer.expert_kernel.detach()
+    total, count = 0.0, 0
+    for f in range(3):
+        for k in range(4):
+            for m in range(4):
+                if k == m:
+                    continue
+                if make == "dense":
+                    a, b = w[:, f, k], w[:, f, m]
+                else:
+                    a, b = w[f * 4 + k].flatten(), w[f * 4 + m].flatten()
+                total += float(a @ b) / (float(a.norm()) * float(b.norm()))
+                count += 1
+    assert expert_similarity(layer) == pytest.approx(total / count, abs=1e-6)
+    with torch.no_grad():  # every expert a copy of the first
+        if make == "dense":
+            layer.expert_kernel.copy_(w[:, :, :1].expand_as(w))
+        else:
+            layer.expert_kernel.copy_(
+                w.view(3, 4, -1)[:, :1].expand(3, 4, w[0].numel()).reshape_as(w)
+            )
+    assert expert_similarity(layer) == pytest.approx(1.0, abs=1e-6)
+    assert math.isnan(expert_similarity(DenseMoE(5, 3, 1)))

@@ -46,8 +46,14 @@ from .format import (
     missing,
     table,
 )
-from .plots import plot_curves, plot_evp, plot_trace, render_figure
-from .verdicts import paired_section, replicates_section, verdict
+from .plots import (
+    plot_accuracy_vs_flops,
+    plot_curves,
+    plot_evp,
+    plot_trace,
+    render_figure,
+)
+from .verdicts import paired_section, replicates_section, verdict, why_section
 
 __all__ = [
     "CompareReport",
@@ -334,6 +340,10 @@ def render_compare_report(info: ComparisonInfo) -> str:
         "",
         "![final runs: validation accuracy per epoch, mean ± SE](final_curves.png)",
         "",
+        "![final test accuracy against FLOPs per example, with each arm's 95% interval]"
+        "(accuracy_vs_flops.png)",
+        "",
+        *why_section(info),
         *_incomplete_section(data, info.problems),
         *_HOW_TO_READ,
     ]
@@ -348,6 +358,9 @@ def render_compare_files(info: ComparisonInfo) -> dict[str, bytes]:
     figures = {
         "evp": plot_evp(info, f"Expected validation performance (± 1 std)\n{title}"),
         "trace": plot_trace(info, f"Tuning trace: each trial and the best so far\n{title}"),
+        "flops": plot_accuracy_vs_flops(
+            info, f"Final test accuracy against FLOPs per example\n{title}"
+        ),
         "curves": plot_curves(
             info.final_curves,
             title=f"Final runs: validation accuracy, mean ± SE over seeds\n{title}",

@@ -42,6 +42,7 @@ from .finals import paired_data, replicate_table
 from .paired import compare_to_baseline
 from .runs import RUN_COLUMNS, load_runs
 from .stats import DEFAULT_BASELINES, TEST_COLUMNS, describe, welch_test
+from .why import why_table
 
 #: The score a failed or diverged trial enters the expected-validation-performance curve with.
 FAILED_TRIAL_SCORE = 0.0
@@ -289,6 +290,8 @@ class ComparisonInfo:
     replicates: pd.DataFrame = field(default_factory=pd.DataFrame)
     #: why the paired statistics cover fewer cells than planned, or are missing ("" when whole)
     paired_note: str = ""
+    #: per arm: the final runs' fit, activation scales and routing (:func:`why_table`)
+    why: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def baseline(self) -> str:
@@ -356,9 +359,16 @@ def comparison_info(data: ComparisonData, baseline: str | None = None) -> Compar
     for chosen in replicates[replicates["replicate"] > 0].itertuples():  # each replicate's best
         if isinstance(chosen.best_params, str):
             best_params[study_name(chosen.arm, chosen.replicate)] = json.loads(chosen.best_params)
+    why = why_table(data)
+    scalars = [c for c in why.columns if c not in ("arm", "runs", "act_init", "act_end")]
+    summary = summary.merge(
+        why[["arm", *scalars]].rename(columns={c: f"why_{c}" for c in scalars}),
+        on="arm",
+        how="left",
+    )
     return ComparisonInfo(
         data, summary, best_params, problems, labels, scores, _final_curves(data, labels),
-        replicates, paired_note,
+        replicates, paired_note, why,
     )  # fmt: skip
 
 

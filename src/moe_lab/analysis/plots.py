@@ -366,3 +366,36 @@ def plot_trace(info: ComparisonInfo, title: str | None = None) -> Figure:
         title or "Tuning trace: each trial (dots) and the best so far (line)", fontsize="medium"
     )
     return figure
+
+
+def plot_accuracy_vs_flops(info: ComparisonInfo, title: str | None = None) -> Figure:
+    """Each arm's final test accuracy (mean, with its 95% t interval over the final runs) against
+    its forward FLOPs per example (log scale): which design buys accuracy with compute."""
+    figure, axes = _new_figure(1, 1, 6.5, 4.5)
+    axis = axes[0, 0]
+    colors = _colors(info.data.arms)
+    drawn = False
+    for row in info.summary.itertuples():
+        if pd.isna(row.flops_per_example) or pd.isna(row.test_acc_mean):
+            continue
+        half = (
+            stats.t.ppf(0.975, row.final_n - 1) * row.test_acc_se
+            if row.final_n > 1 and not pd.isna(row.test_acc_se)
+            else 0.0
+        )
+        axis.errorbar(
+            [row.flops_per_example], [100 * row.test_acc_mean], yerr=[100 * half], fmt="o",
+            capsize=4, color=colors[row.arm], label=info.labels[row.arm],
+        )  # fmt: skip
+        drawn = True
+    if not drawn:
+        axis.text(0.5, 0.5, "no completed final run", ha="center", va="center",
+                  transform=axis.transAxes)  # fmt: skip
+    else:
+        axis.set_xscale("log")
+        axis.legend(loc="lower right", fontsize="small")
+    axis.set_xlabel("forward FLOPs per example")
+    axis.set_ylabel("final test accuracy (%), mean ± 95% CI")
+    axis.grid(True, alpha=0.3)
+    figure.suptitle(title or "Test accuracy against compute", fontsize="medium")
+    return figure

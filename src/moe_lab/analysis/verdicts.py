@@ -159,4 +159,55 @@ def replicates_section(info: Any) -> list[str]:
     return [*lines, ""]
 
 
-__all__ = ["SAME_WITHIN", "axis_phrase", "paired_section", "replicates_section", "verdict"]
+def _scales(values: dict[str, float]) -> str:
+    return " / ".join(fmt_float(v, 3) for v in values.values()) if values else DASH
+
+
+def why_section(info: Any) -> list[str]:
+    """Why: each arm's fit (train vs validation at the last epoch), its layers' activation scale
+    at initialisation and at the end, and its MoE layers' routing over training."""
+    why = info.why
+    if why.empty:
+        return []
+    lines = [
+        "## Why: fit, activation scale and routing (final runs)",
+        "",
+        "Train and validation accuracy at the last epoch (train far below validation's ceiling "
+        "with a small gap: underfitting; a large positive gap: overfitting); each layer's output "
+        "std on the validation set before training and at the end, input to output; and, "
+        "averaged over the MoE layers, the gate entropy (nats), the fraction of dead experts and "
+        "the expert similarity (mean cosine between a unit's expert kernels) at the first and "
+        "last epoch. Per layer and per epoch: the runs' `metrics.csv` (`act/...`, `gate/...`).",
+        "",
+    ]
+    header = ["arm", "train acc (%)", "val acc (%)", "train − val (pp)",
+              "activation std per layer, init", "… at the end",
+              "gate entropy", "dead experts", "expert similarity"]  # fmt: skip
+    rows = []
+    for row in why.itertuples():
+        rows.append(
+            [
+                cell(info.labels[row.arm]),
+                fmt_pct(row.train_acc, with_se=False),
+                fmt_pct(row.val_acc, with_se=False),
+                fmt_signed(100 * row.fit_gap, 2) if not missing(row.fit_gap) else DASH,
+                _scales(row.act_init),
+                _scales(row.act_end),
+                *(
+                    DASH if missing(getattr(row, f"{s}_first"))
+                    else f"{fmt_float(getattr(row, f'{s}_first'), 3)} → {fmt_float(getattr(row, f'{s}_last'), 3)}"
+                    for s in ("entropy", "dead", "similarity")
+                ),
+            ]
+        )  # fmt: skip
+    return [*lines, table(header, rows, right={1, 2, 3}), ""]
+
+
+__all__ = [
+    "SAME_WITHIN",
+    "axis_phrase",
+    "paired_section",
+    "replicates_section",
+    "verdict",
+    "why_section",
+]

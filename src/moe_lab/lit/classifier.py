@@ -19,7 +19,11 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from moe_lab.layers import AUX_LOSS_NAMES, MoEBase
+from moe_lab.layers.diagnostics import expert_similarity
+from moe_lab.run.record import gate_column
 from moe_lab.utils.io import atomic_write_text
+
+from .diagnostics import ActivationScales, scales_at_init
 
 #: the checkpoint's entry holding each MoE layer's gate temperature (by qualified name)
 _TEMPERATURES = "moe_lab_gate_temperature"
@@ -103,6 +107,9 @@ class Classifier(L.LightningModule):
         self.history: list[dict[str, float]] = []
         #: values a callback records for the current epoch (name -> value): they join its row
         self.epoch_values: dict[str, float] = {}
+        #: each layer's output scale on the validation set (moe_lab.lit.diagnostics)
+        self._scales = ActivationScales(net)
+        self._scales_at_init: dict[str, float] = {}
         self.test_result: dict[str, float] = {}
         #: the last test's ``(predicted class, label)`` per test example, in the test set's order
         self.test_predictions: tuple[np.ndarray, np.ndarray] | None = None
@@ -147,7 +154,9 @@ class Classifier(L.LightningModule):
         return logits
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_loss, self.val_acc)
+        with self._scales.recording():
+            self._eval_step(batch, self.val_loss, self.val_acc)
+        self._scales.count_batch()
         self._accumulate_gate_stats(batch[0].shape[0])
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -189,6 +198,13 @@ class Classifier(L.LightningModule):
 
     # -- epoch bookkeeping -----------------------------------------------------------------------
 
+    def on_train_start(self) -> None:
+        # a fresh run (not a resume): every layer's output scale before the first step
+        if self.global_step == 0 and self.trainer.datamodule is not None:
+            batch = next(iter(self.trainer.datamodule.val_dataloader()))
+            batch = (batch[0].to(self.device), batch[1])
+            self._scales_at_init = scales_at_init(self.model, batch, self._scales)
+
     def on_train_epoch_start(self) -> None:
         self.train_loss.reset()
         self.train_acc.reset()
@@ -198,6 +214,7 @@ class Classifier(L.LightningModule):
             self.val_loss.reset()
             self.val_acc.reset()
             self._gate_sums, self._gate_count = {}, 0
+            self._scales.collect()
             return
         # The epoch's row is built here, not at train-epoch end: validation closes the epoch, and
         # the checkpoint saved right after must already hold the row.
@@ -213,6 +230,12 @@ class Classifier(L.LightningModule):
         )
         row.update(self.epoch_values)
         row.update(self._gate_epoch_stats())
+        for name, layer in self.moe_layers.items():
+            row[gate_column(name, "similarity")] = expert_similarity(layer)
+        row.update(self._scales.collect())
+        if self._scales_at_init:  # in the first epoch's row only
+            row.update(self._scales_at_init)
+            self._scales_at_init = {}
         self.val_loss.reset()
         self.val_acc.reset()
         logged = {
@@ -223,7 +246,7 @@ class Classifier(L.LightningModule):
             "lr": row["lr"],
             **self.epoch_values,
         }
-        logged.update({k: v for k, v in row.items() if k.startswith("gate/")})
+        logged.update({k: v for k, v in row.items() if k.startswith(("gate/", "act/"))})
         self.log_dict(logged)  # values are already reduced across processes
         self.history = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
         self._write_metrics()

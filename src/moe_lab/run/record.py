@@ -266,12 +266,21 @@ METRICS_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Metr
 GATE_TEMPERATURE_COLUMN = "gate_temperature"
 #: ``gate/<layer>/importance_<k>`` (mean gate of expert k), ``gate/<layer>/load_<k>`` (share of
 #: samples routed to k), and the layer's scalars ``gate/<layer>/entropy`` (mean gate entropy),
-#: ``gate/<layer>/dead`` (fraction of experts no sample used) and ``gate/<layer>/dropped`` (fraction
-#: of assignments a capacity limit dropped), on the validation set.
+#: ``gate/<layer>/dead`` (fraction of experts no sample used), ``gate/<layer>/dropped`` (fraction
+#: of assignments a capacity limit dropped), on the validation set, and
+#: ``gate/<layer>/similarity`` (the mean cosine between a unit's expert kernels).
 GATE_COLUMN = re.compile(
     r"^gate/(?P<layer>.+)/(?:(?P<kind>importance|load)_(?P<expert>\d+)"
-    r"|(?P<scalar>entropy|dead|dropped))$"
+    r"|(?P<scalar>entropy|dead|dropped|similarity))$"
 )
+#: ``act/<layer>/std`` (the layer's output std on the validation set, after the epoch) and, in the
+#: first epoch's row, ``act/<layer>/std_init`` (the same on one validation batch before training).
+ACT_COLUMN = re.compile(r"^act/(?P<layer>.+)/(?P<kind>std|std_init)$")
+
+
+def act_column(layer: str, kind: str = "std") -> str:
+    """The metrics column of a layer's activation scale (``kind``: std or std_init)."""
+    return f"act/{layer}/{kind}"
 
 
 def gate_column(layer: str, stat: str, expert: int | None = None) -> str:
@@ -302,6 +311,7 @@ class EvalRecord(JsonRecord):
 
 __all__ = [
     "ACCURACY_FIELDS",
+    "ACT_COLUMN",
     "CHECKPOINT_DIR",
     "ERROR_LOG",
     "EVAL_FILE",
@@ -327,6 +337,7 @@ __all__ = [
     "JsonRecord",
     "MetricsRow",
     "RunSummary",
+    "act_column",
     "gate_column",
     "hydra_config_path",
     "hydra_overrides_path",

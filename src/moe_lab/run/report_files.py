@@ -32,6 +32,8 @@ COMPARE_REPORT_FILES: dict[str, str] = {
     "trace_svg": "tuning_trace.svg",
     "curves_png": "final_curves.png",
     "curves_svg": "final_curves.svg",
+    "flops_png": "accuracy_vs_flops.png",
+    "flops_svg": "accuracy_vs_flops.svg",
 }
 
 __all__ = ["COMPARE_REPORT_FILES", "REPORT_MD", "SUMMARY_CSV", "SWEEP_REPORT_FILES"]
