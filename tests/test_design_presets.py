@@ -212,3 +212,43 @@ def test_a_run_recorded_before_the_design_keys_still_resumes(tmp_path: Path) -> 
     assert differences(["experts=k4", "data.topology.batch_norm=true"]) == [
         "data.topology.batch_norm: None -> True"
     ]
+
+
+@pytest.mark.slow
+def test_the_designs_comparison_runs_each_design_as_an_arm(tmp_path: Path) -> None:
+    """``experiment=mnist1d_designs`` at a tiny budget: every design is an arm, each searches its
+    own knobs, the matched CNNs match the CondConv arm, and the report plots accuracy against
+    FLOPs and names each verdict's axis against the FLOP-matched baseline."""
+    import json
+
+    import optuna
+    import pandas as pd
+
+    from conftest import run_module
+
+    proc = run_module(
+        "moe_lab.compare", "experiment=mnist1d_designs", "compare.trials=1", "compare.seeds=2",
+        "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1", "logger=csv", f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'out'}", cwd=tmp_path, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (marker,) = (tmp_path / "out" / "compare").glob("*/*/comparison.json")
+    comparison = marker.parent
+    arm_keys = json.loads(marker.read_text())["settings"]["arm_keys"]
+    assert "experts.gate_temperature_schedule.end" in arm_keys["dynamic_conv"]
+    assert "experts.moe_kwargs.balance_rate" in arm_keys["top2_of_8_aux_free"]
+    for arm in ("cnn", "moe", "condconv", "cnn_flop_matched"):
+        assert not {k for k in arm_keys[arm] if k.startswith("experts.")}, arm
+    storage = f"sqlite:///{comparison / 'study.db'}"
+    assert len(optuna.get_all_study_summaries(storage=storage)) == 7
+    summary = pd.read_csv(comparison / "summary.csv").set_index("arm")
+    assert (summary["final_n"] == 2).all()
+    ratio = (
+        summary.loc["cnn_flop_matched", "flops_per_example"]
+        / summary.loc["condconv", "flops_per_example"]
+    )
+    assert abs(ratio - 1) < 0.03
+    report = (comparison / "report.md").read_text()
+    assert "- condconv" in report and "vs cnn_flop_matched" in report
+    assert (comparison / "accuracy_vs_flops.png").is_file()
