@@ -82,11 +82,17 @@ def test_the_default_arms_are_both_matched_baselines(four) -> None:
     assert "| arm | params | FLOPs / example |" in report
     # every verdict names the axis it compares on
     verdicts = [line for line in report.splitlines() if line.startswith("- ") and " vs " in line]
-    assert len(verdicts) == 3
-    moe_verdict = next(v for v in verdicts if v.startswith("- moe"))
-    assert "vs cnn_matched K=2 (" in moe_verdict and "same params)" in moe_verdict
+    moe_verdict = next(v for v in verdicts if v.startswith("- moe K=2 vs cnn_matched"))
+    assert "same params)" in moe_verdict and "× FLOPs" in moe_verdict
     flop = next(v for v in verdicts if v.startswith("- cnn_flop_matched"))
     assert "× params)" in flop
+    # and the MoE against each matched baseline: the same FLOPs, then the same params
+    section = report.split("## Against each matched baseline")[1].split("\n## ")[0]
+    against_flops = next(
+        v for v in section.splitlines() if v.startswith("- moe K=2 vs cnn_flop_matched")
+    )
+    assert "(same FLOPs, " in against_flops and "× params)" in against_flops
+    assert sum(line.startswith("- ") for line in section.splitlines()) == 4  # cnn, moe x 2
 
 
 def test_replicates_give_two_studies_per_arm_with_disjoint_seeds(four) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from moe_lab.analysis.comparison import ComparisonInfo, comparison_info, load_comparison
 from moe_lab.analysis.format import cell, fmt_duration, fmt_int, fmt_pct, table
-from moe_lab.analysis.verdicts import axis_phrase, verdict
+from moe_lab.analysis.verdicts import axis_phrase, matched_verdict_lines, verdict
 from moe_lab.run.comparison import read_sessions
 from moe_lab.run.record import read_summary_data
 from moe_lab.run.report_files import COMPARE_REPORT_FILES
@@ -104,7 +104,9 @@ def render_block(
         *(
             f"- {verdict(row, base_row, int(settings['trials']), epochs, replicates)}"
             for _, row in others.iterrows()
+            if row["arm"] in info.against or not info.against
         ),
+        *matched_verdict_lines(info),
         "",
     ]
     return "\n".join(lines)

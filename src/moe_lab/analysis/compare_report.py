@@ -53,7 +53,13 @@ from .plots import (
     plot_trace,
     render_figure,
 )
-from .verdicts import paired_section, replicates_section, verdict, why_section
+from .verdicts import (
+    matched_verdicts,
+    paired_section,
+    replicates_section,
+    verdict,
+    why_section,
+)
 
 __all__ = [
     "CompareReport",
@@ -333,6 +339,7 @@ def render_compare_report(info: ComparisonInfo) -> str:
         *replicates_section(info),
         *paired_section(info),
         *_baseline_section(info, budget, epochs),
+        *matched_verdicts(info),
         *_evp_section(info, budget),
         "## Tuning trace and final runs",
         "",

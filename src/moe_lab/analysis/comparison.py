@@ -292,6 +292,9 @@ class ComparisonInfo:
     paired_note: str = ""
     #: per arm: the final runs' fit, activation scales and routing (:func:`why_table`)
     why: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: ``{matched baseline: a row per other arm}``: every arm against each matched CNN (both
+    #: axes of "equal budget"), with the summary's columns and the paired statistics against it
+    against: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     @property
     def baseline(self) -> str:
@@ -359,6 +362,11 @@ def comparison_info(data: ComparisonData, baseline: str | None = None) -> Compar
     for chosen in replicates[replicates["replicate"] > 0].itertuples():  # each replicate's best
         if isinstance(chosen.best_params, str):
             best_params[study_name(chosen.arm, chosen.replicate)] = json.loads(chosen.best_params)
+    against = {
+        matched: _against(summary, paired, matched)
+        for matched in MATCHED_BASELINES
+        if matched in data.arms and paired is not None
+    }
     why = why_table(data)
     scalars = [c for c in why.columns if c not in ("arm", "runs", "act_init", "act_end")]
     summary = summary.merge(
@@ -368,8 +376,27 @@ def comparison_info(data: ComparisonData, baseline: str | None = None) -> Compar
     )
     return ComparisonInfo(
         data, summary, best_params, problems, labels, scores, _final_curves(data, labels),
-        replicates, paired_note, why,
+        replicates, paired_note, why, against,
     )  # fmt: skip
+
+
+#: The arms that match the MoE twin on one axis: every other arm is also compared with each.
+MATCHED_BASELINES = ("cnn_flop_matched", "cnn_matched")
+
+
+def _against(summary: pd.DataFrame, paired: Any, matched: str) -> pd.DataFrame:
+    """Every arm but ``matched`` against it: the summary's columns with the paired statistics
+    (Holm across these arms) and Welch's test over the final seeds, against ``matched``."""
+    rows = compare_to_baseline(paired, matched).set_index("arm")
+    columns = [c for c in rows.columns if c not in ("baseline", "hedges_g", "note")]
+    others = summary[summary["arm"] != matched].drop(
+        columns=[c for c in (*columns, *TEST_COLUMNS, "note") if c in summary.columns]
+    )
+    others = others.merge(rows[columns], left_on="arm", right_index=True, how="left")
+    others["note"] = others["arm"].map(rows["note"]).fillna("")
+    others["diff"] = others["paired_diff"]
+    others["baseline"] = matched
+    return others
 
 
 def summarize_comparison(

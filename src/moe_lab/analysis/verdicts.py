@@ -159,6 +159,37 @@ def replicates_section(info: Any) -> list[str]:
     return [*lines, ""]
 
 
+def matched_verdict_lines(info: Any) -> list[str]:
+    """One verdict per arm (the matched CNNs aside) against each matched CNN."""
+    settings = info.data.settings
+    budget, epochs = int(settings["trials"]), settings.get("max_epochs")
+    summary = info.summary.set_index("arm")
+    lines = []
+    for matched, rows in info.against.items():
+        base = summary.loc[matched].copy()
+        base["arm"] = matched
+        for _, row in rows.iterrows():
+            if row["arm"] not in info.against:  # the matched CNNs against each other: above
+                lines.append(f"- {verdict(row, base, budget, epochs, info.data.replicates)}")
+    return lines
+
+
+def matched_verdicts(info: Any) -> list[str]:
+    """Every arm against each matched CNN (same FLOPs, same params): a section of verdicts."""
+    if not info.against:
+        return []
+    return [
+        "## Against each matched baseline",
+        "",
+        "Equal budget has two axes: the CNN widened to an arm's FLOPs per example and the one "
+        "widened to its parameters. Every arm against each, with the paired statistics (Holm "
+        "across the arms compared with that baseline):",
+        "",
+        *matched_verdict_lines(info),
+        "",
+    ]
+
+
 def _scales(values: dict[str, float]) -> str:
     return " / ".join(fmt_float(v, 3) for v in values.values()) if values else DASH
 
@@ -206,6 +237,8 @@ def why_section(info: Any) -> list[str]:
 __all__ = [
     "SAME_WITHIN",
     "axis_phrase",
+    "matched_verdict_lines",
+    "matched_verdicts",
     "paired_section",
     "replicates_section",
     "verdict",
