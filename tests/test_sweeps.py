@@ -46,7 +46,7 @@ def test_mnist1d_preset_sweep_writes_report_and_matches_params(
     assert str(sweep / "report.md") in proc.stdout + proc.stderr  # it says where the report is
     rows = summary_rows(sweep)
     assert sorted((r["model"], r["seed"]) for r in rows) == sorted(
-        (m, s) for m in ("cnn", "moe", "cnn_matched") for s in ("0", "1")
+        (m, s) for m in ("cnn", "moe", "cnn_flop_matched", "cnn_matched") for s in ("0", "1")
     )
     assert all(r["status"] == "completed" for r in rows)
     moe_params = {int(r["params"]) for r in rows if r["model"] == "moe"}
@@ -54,9 +54,13 @@ def test_mnist1d_preset_sweep_writes_report_and_matches_params(
     assert len(moe_params) == 1 and len(matched) == 1
     (target,), (got,) = moe_params, matched
     assert abs(got - target) / target <= 0.01
+    moe_flops = {int(r["flops_per_example"]) for r in rows if r["model"] == "moe"}
+    flop_matched = {int(r["flops_per_example"]) for r in rows if r["model"] == "cnn_flop_matched"}
+    (target,), (got,) = moe_flops, flop_matched
+    assert abs(got - target) / target <= 0.01
     # every job has its own dir with its own summary
     job_dirs = {Path(r["run_dir"]) for r in rows}
-    assert len(job_dirs) == 6 and all((d / "summary.json").is_file() for d in job_dirs)
+    assert len(job_dirs) == 8 and all((d / "summary.json").is_file() for d in job_dirs)
     report = (sweep / "report.md").read_text()
     assert "Welch" in report and "cnn_matched" in report
 

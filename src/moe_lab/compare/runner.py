@@ -408,11 +408,14 @@ class Comparison:
         self._stop_if_asked()
         pending = self._recover(studies)
         if pending:
+            # the rest of the batch the kill cut off, alone: the uninterrupted comparison asked
+            # its next batch only once this one was told, so TPE sees what it would have seen
             _say(f"{len(pending)} trial(s) were cut off by the kill and continue now")
+            self._run_batch(studies, pending)
         batch_size = self._store.batch_size
         while True:
             self._stop_if_asked()
-            batch, pending = pending[:batch_size], pending[batch_size:]
+            batch: list[Job] = []
             used = {key: self._used(study) for key, study in studies.items()}
             while len(batch) < batch_size:
                 open_keys = [key for key in order if used[key] < trials]
@@ -424,10 +427,14 @@ class Comparison:
                 used[key] += 1
             if not batch:
                 break
-            outcomes = list(zip(batch, self._launch(batch), strict=True))
-            for job, outcome in outcomes:
-                self._tell(studies[(job.arm, job.replicate)], job, outcome)
-            self._settle(outcomes)
+            self._run_batch(studies, batch)
+
+    def _run_batch(self, studies: dict[StudyKey, optuna.Study], batch: list[Job]) -> None:
+        """Launch a batch of trials together, tell their results, stop if some did not finish."""
+        outcomes = list(zip(batch, self._launch(batch), strict=True))
+        for job, outcome in outcomes:
+            self._tell(studies[(job.arm, job.replicate)], job, outcome)
+        self._settle(outcomes)
 
     # ------------------------------------------------------------------ final runs
     @staticmethod
