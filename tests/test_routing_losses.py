@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from moe_lab.layers import AUX_LOSS_NAMES, Conv1dMoE, Conv2dMoE, Conv3dMoE, DenseMoE
@@ -427,12 +426,13 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("preset", ROUTING_PRESETS)
 def test_routing_presets_build_and_train_conv_and_dense_layers(config_dir: Path, preset: str):
-    raw = OmegaConf.load(CONF / "experts" / f"{preset}.yaml")
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experts={preset}"])
+    # the preset as composed (it extends conf/experts/_top_k.yaml, which extends _base.yaml)
+    raw = cfg.experts
     assert set(raw.moe_kwargs) == {"top_k", "noisy_gating", "gate_input", "expert_backend"}
     assert set(raw.aux_loss_weights) == set(AUX_LOSS_NAMES)
     assert raw.aux_loss_weights.switch > 0 or raw.aux_loss_weights.load > 0  # balancing on
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"experts={preset}"])
     model, _ = instantiate(cfg.model)(input_shape=(1, 8, 8), num_classes=10)
     layers = model.moe_layers()
     assert {type(m).__name__ for m in layers.values()} == {"Conv2dMoE", "DenseMoE"}
