@@ -11,8 +11,8 @@ import pytest
 from conftest import compose_train
 from moe_lab.lit.loggers import PREFIX, record_fields
 from moe_lab.train import train
+from wandb_log import settled_records
 from wandb_log import wandb_key as _key
-from wandb_log import wandb_records
 
 TINY = [
     "data=mnist1d",
@@ -115,7 +115,7 @@ def test_mlflow_params_metrics_and_record(logged_run: tuple[Path, dict]) -> None
 def test_wandb_records_hold_config_history_and_final_record(logged_run: tuple[Path, dict]) -> None:
     run_dir, summary = logged_run
     (log_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    records = wandb_records(log_file)
+    records = settled_records(log_file)
     kinds = [r.WhichOneof("record_type") for r in records]
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.run_id == summary["wandb_id"] and run.run_group == "adhoc"

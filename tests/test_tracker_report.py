@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from moe_lab.run.trackers import FIGURE_KEY, TABLE_KEY, log_report_run
-from wandb_log import record_items, wandb_records
+from wandb_log import record_items, settled_records
 
 
 def _report_dir(tmp_path: Path) -> Path:
@@ -44,7 +44,7 @@ def test_report_run_holds_the_table_and_figures(tmp_path: Path, monkeypatch) -> 
     run_dir = log_report_run(report, group="mnist1d")
     assert run_dir.parent == report / "wandb" and run_dir.name.startswith("offline-run-")
     (log_file,) = run_dir.glob("run-*.wandb")
-    records = wandb_records(log_file)
+    records = settled_records(log_file)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.job_type == "report" and run.run_group == "mnist1d" and run.project == "moe_lab"
     history = record_items(records, "history")
@@ -85,5 +85,5 @@ def test_multirun_end_logs_the_report_in_the_jobs_group_only_with_wandb(
     config = OmegaConf.create({"experiment_name": "mnist1d", "logger": {"wandb": wandb_node}})
     run_dir = log_report_run_if_wandb(config, report)
     (log_file,) = run_dir.glob("run-*.wandb")
-    (run,) = [r.run for r in wandb_records(log_file) if r.WhichOneof("record_type") == "run"]
+    (run,) = [r.run for r in settled_records(log_file) if r.WhichOneof("record_type") == "run"]
     assert (run.job_type, run.run_group, run.project) == ("report", "mnist1d/sweep", "proj")

@@ -63,3 +63,22 @@ def record_items(records: list[Any], kind: str) -> dict[str, Any]:
                 node = node.setdefault(part, {})
             node[path[-1]] = json.loads(item.value_json)
     return merged
+
+
+def settled_records(path: Path, record_type: str = "run", timeout: float = 30.0) -> list[Any]:
+    """The file's records once it holds a ``record_type`` record. W&B's service process writes
+    the offline file on its own schedule, so a reader right after ``run.finish()`` can find it
+    short (or mid-chunk); the test waits for it, as ``wandb sync`` would."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = wandb_records(path)
+            if any(r.WhichOneof("record_type") == record_type for r in records):
+                return records
+        except (AssertionError, struct.error):
+            pass
+        if time.monotonic() > deadline:
+            return wandb_records(path)
+        time.sleep(0.2)

@@ -1,5 +1,5 @@
 """An offline W&B run read back as one object (name, group, tags, config, history, summary,
-exit code), from the records ``wandb_log.wandb_records`` decodes with wandb's own protobufs."""
+exit code), from the records ``wandb_log.settled_records`` decodes with wandb's own protobufs."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wandb_log import wandb_records
+from wandb_log import settled_records
 
 
 def read_records(path: Path) -> list[Any]:
-    """Every record of one ``.wandb`` file (the CRC-checked reader of ``wandb_log``)."""
-    return wandb_records(Path(path))
+    """Every record of one ``.wandb`` file (the CRC-checked reader of ``wandb_log``), once W&B's
+    service has written its run record."""
+    return settled_records(Path(path))
 
 
 @dataclass
