@@ -391,6 +391,20 @@ def test_a_proposal_cut_off_by_a_kill_is_abandoned_never_run(tiny, tmp_path: Pat
 
 
 # ---------------------------------------------------------------------------- kill and resume
+def start_compare(root: Path, args: list[str]) -> subprocess.Popen[str]:
+    """``python -m moe_lab.compare args`` in the background, in its own process group: a kill
+    (or a terminal's Ctrl-C) reaches every process of it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "moe_lab.compare", *args],
+        cwd=root,
+        env=cli_env(**_env(root)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def _wait_for(condition, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -419,15 +433,7 @@ def test_killed_comparison_resumes_without_rerunning_or_double_counting(tmp_path
         "hydra/launcher=basic",  # one job after another: the kill point is known
         *_paths(root),
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moe_lab.compare", *args],
-        cwd=root,
-        env=cli_env(**_env(root)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group: the kill takes every process of it
-    )
+    proc = start_compare(root, args)
     out = root / "out" / "compare" / "digits"
     first = lambda: list(out.glob("*/tune/cnn/trial_000/summary.json"))  # noqa: E731
     second_ckpt = lambda: list(out.glob("*/tune/moe/trial_000/checkpoints/last.ckpt"))  # noqa: E731

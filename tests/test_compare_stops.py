@@ -17,7 +17,16 @@ import pandas as pd
 import pytest
 
 from conftest import cli_env, run_module
-from test_compare import TINY, _comparison_dir, _env, _paths, _summaries, _trials, _wait_for
+from test_compare import (
+    TINY,
+    _comparison_dir,
+    _env,
+    _paths,
+    _summaries,
+    _trials,
+    _wait_for,
+    start_compare,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,18 +44,6 @@ def _args(root: Path, *extra: str) -> list[str]:
         *_paths(root),
         *extra,
     ]
-
-
-def _start(root: Path, args: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "moe_lab.compare", *args],
-        cwd=root,
-        env=cli_env(**_env(root)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal's Ctrl-C reaches it
-    )
 
 
 def _log_has(root: Path, text: str) -> bool:
@@ -85,7 +82,7 @@ def test_ctrl_c_during_tuning_stops_cleanly_and_a_resume_finishes(
     130 (a second Ctrl-C: at once), and a resume runs them to completion."""
     root = tmp_path
     args = _args(root)
-    proc = _start(root, args)
+    proc = start_compare(root, args)
     try:
         _wait_for(lambda: _log_has(root, "tune/cnn/trial_002 starts"), proc, timeout=400)
         time.sleep(2)  # the second batch is mid-run
@@ -135,7 +132,7 @@ def test_sigkill_right_after_a_batch_then_resume_finishes(tmp_path: Path) -> Non
     records the killed session's wall time from its heartbeat, and finishes."""
     root = tmp_path
     args = _args(root)
-    proc = _start(root, args)
+    proc = start_compare(root, args)
     try:
         batch_done = lambda: _log_has(root, "tune/moe/trial_001: val acc")  # noqa: E731
         _wait_for(batch_done, proc, timeout=400)
@@ -209,7 +206,7 @@ def test_sigterm_while_the_workers_start_ends_in_a_recorded_state(tmp_path: Path
     30-line TerminatedWorkerError traceback; now the comparison records the stop and exits 143."""
     root = tmp_path
     args = _args(root)
-    proc = _start(root, args)
+    proc = start_compare(root, args)
     try:
         _wait_for(lambda: _log_has(root, "starts"), proc, timeout=300)
         time.sleep(0.3)

@@ -52,7 +52,7 @@ from .bootstrap import (
     probability_of_improvement,
 )
 from .paired_data import PairedData, check_confidence, pair_arrays, run_accuracies
-from .stats import hedges_g
+from .stats import hedges_g, t_test_fields
 
 __all__ = [
     "MIN_RUNS_FOR_EFFECT_SIZE",
@@ -132,15 +132,9 @@ def paired_difference(arm: ArrayLike, base: ArrayLike, confidence: float = 0.95)
             f"every cell's difference is {d.flat[0]:+.4g}: the paired t-test is undefined"
         )
         return result
-    test = stats.ttest_rel(acc_a.ravel(), acc_b.ravel())
-    interval = test.confidence_interval(confidence_level=confidence)
-    result.update(
-        paired_t=float(test.statistic),
-        paired_p=float(test.pvalue),
-        paired_df=float(test.df),
-        paired_ci_low=float(interval.low),
-        paired_ci_high=float(interval.high),
-    )
+    fields = t_test_fields(stats.ttest_rel(acc_a.ravel(), acc_b.ravel()), confidence)
+    names = {"t": "paired_t", "df": "paired_df", "p_value": "paired_p"}
+    result.update({names.get(k, f"paired_{k}"): v for k, v in fields.items()})
     return result
 
 

@@ -101,17 +101,22 @@ def welch_test(a: Any, b: Any, confidence: float = 0.95) -> dict[str, Any]:
     if a.var(ddof=1) == 0 and b.var(ddof=1) == 0:
         result["note"] = "both groups have zero variance: t undefined"
         return result
-    test = stats.ttest_ind(a, b, equal_var=False)
-    interval = test.confidence_interval(confidence_level=confidence)
-    result.update(
-        t=float(test.statistic),
-        df=float(test.df),
-        p_value=float(test.pvalue),
-        ci_low=float(interval.low),
-        ci_high=float(interval.high),
-        hedges_g=hedges_g(a, b),
-    )
+    result.update(t_test_fields(stats.ttest_ind(a, b, equal_var=False), confidence))
+    result["hedges_g"] = hedges_g(a, b)
     return result
+
+
+def t_test_fields(test: Any, confidence: float) -> dict[str, float]:
+    """``t``, ``df``, ``p_value``, ``ci_low``, ``ci_high`` of a scipy t-test result (Welch's or
+    paired), the interval at ``confidence``."""
+    interval = test.confidence_interval(confidence_level=confidence)
+    return {
+        "t": float(test.statistic),
+        "df": float(test.df),
+        "p_value": float(test.pvalue),
+        "ci_low": float(interval.low),
+        "ci_high": float(interval.high),
+    }
 
 
 def comparison_metric(completed: pd.DataFrame) -> str:
