@@ -71,7 +71,7 @@ def test_quick_layer_sections_write_consistent_json_and_tables(
 ) -> None:
     out = tmp_path / "b"
     # the default (pinned) allocator is tested in a subprocess below: this process is shared
-    assert main(["--quick", "--only", "layers,peers", "--device", "cpu", "--threads", "1",
+    assert main(["--quick", "--only", "layers,peers,capacity", "--device", "cpu", "--threads", "1",
                  "--malloc", "default", "--out", str(out)]) == 0  # fmt: skip
     report = json.loads((out / "bench.json").read_text())
     assert report["allocator"] is None and "default thresholds" in (out / "bench.md").read_text()
@@ -81,7 +81,9 @@ def test_quick_layer_sections_write_consistent_json_and_tables(
     rows = report["rows"]
     for row in rows:
         _check_row(row)
-    by_section = {s: [r for r in rows if r["section"] == s] for s in ("layers", "peers")}
+    by_section = {
+        s: [r for r in rows if r["section"] == s] for s in ("layers", "peers", "capacity")
+    }
     # the original's CIFAR-10 MoE network: four convs (in, out, H×W, padding), read from the model
     cifar = {
         (r["info"]["layer"]["in"], r["info"]["layer"]["out"], tuple(r["info"]["layer"]["input_size"]),
@@ -109,6 +111,14 @@ def test_quick_layer_sections_write_consistent_json_and_tables(
             [t + extra for t in row["samples"]["floor"]]
         )
         assert {"× peer", "× roofline", "peer × roofline"} <= set(row["checks"])
+    # CondConv is measured with gate_groups=1, the original's gate per filter beside it
+    assert all(
+        "per-filter × peer" in r["checks"] for r in condconv if "dynamic_conv" not in r["name"]
+    )
+    assert any("dynamic_conv" in r["name"] and "MLP gate" in r["name"] for r in condconv)
+    capacity = by_section["capacity"]
+    assert capacity and all(r["checks"]["× peer"]["limit"] == 1.0 for r in capacity)
+    assert all(0.0 <= r["info"]["dropped"] < 0.5 and not r["info"]["compiled"] for r in capacity)
     loop = [r for r in by_section["peers"] if "per-expert loop" in r["name"]]
     assert loop and all({"× peer", "× nn.Linear", "× roofline"} <= set(r["checks"]) for r in loop)
     table = (out / "bench.md").read_text()
@@ -183,15 +193,27 @@ def test_routing_rows_share_one_interleaved_group(tmp_path: Path) -> None:
         assert row.checks["× dense K=k"].limit == 1.5
 
 
+@pytest.mark.parametrize("make_row", [layers._condconv_row, layers._dynamic_conv_row])
 def test_missing_timm_is_a_row_that_says_so(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_row
 ) -> None:
     def no_timm(*args: object, **kwargs: object) -> None:
         raise ImportError("No module named 'timm'")
 
     monkeypatch.setattr(layers, "TimmCondConv", no_timm)
-    row = layers._condconv_row(_ctx(tmp_path), 2, 4, 4, 4, 2)
+    row = make_row(_ctx(tmp_path), 2, 4, 4, 4, 2)
     assert row.name.endswith("timm not installed") and not row.checks and not row.times
+
+
+@pytest.mark.slow
+def test_the_compiled_capacity_row_times_one_graph(tmp_path: Path) -> None:
+    """The capacity row's compiled side is the fullgraph compile of the layer (no graph break, no
+    recompile: either would raise), beside the eager layer and the loop."""
+    torch._dynamo.reset()
+    row = layers._capacity_row(_ctx(tmp_path), 2, 1.25, 16, 8, 32, compiled=True)
+    assert {"moe_lab", "peer", "moe_lab compiled"} <= set(row.samples)
+    assert {"× peer", "compiled × peer", "compiled × eager"} <= set(row.checks)
+    assert row.info["compiled"] and 0.0 <= row.info["dropped"] < 1.0
 
 
 def test_lightning_runs_follow_a_trainer_override(tmp_path: Path, data_dir: Path) -> None:
@@ -312,23 +334,27 @@ def test_quick_gpu_layers(tmp_path: Path) -> None:
         _check_row(row)
 
 
-def test_condconv_floor_is_the_layers_conv_and_router_and_its_bytes_the_formula() -> None:
+@pytest.mark.parametrize("gate_groups", [1, None])
+def test_condconv_floor_is_the_layers_conv_and_router_and_its_bytes_the_formula(
+    gate_groups: int | None,
+) -> None:
     """With the layer's per-sample kernels (mixed here by hand from its gates) and its gate
     copied in, the floor's grouped convolution IS the layer's output and its router gives the
-    layer's gate logits."""
+    layer's gate logits, with one gate (CondConv's) or one per filter (the original's)."""
     torch.manual_seed(0)
     k, cin, cout, batch = 3, 4, 5, 2
-    layer = Conv2dMoE(cin, cout, k, 3, gate_input="pooled", padding=1,
+    layer = Conv2dMoE(cin, cout, k, 3, gate_input="pooled", padding=1, gate_groups=gate_groups,
                       expert_backend="kernel_mix", gating_activation="sigmoid")  # fmt: skip
     with torch.no_grad():
         layer.expert_bias.normal_()
         layer.gating_bias.normal_()
-    floor = layers.CondConvFloor(cin, cout, k, batch, padding=1)
+    groups = 1 if gate_groups == 1 else cout
+    floor = layers.CondConvFloor(cin, cout, k, batch, padding=1, gate_groups=groups)
     x = torch.randn(batch, cin, 6, 7)
     with torch.no_grad():
         gate_kernel, gate_bias = layer.gating_kernel.reshape(cin, -1), layer.gating_bias.reshape(-1)
         logits = x.mean((2, 3)) @ gate_kernel + gate_bias
-        gates = torch.sigmoid(logits).view(batch, cout, k)
+        gates = torch.sigmoid(logits).view(batch, groups, k).expand(batch, cout, k)
         experts = layer.expert_kernel.view(cout, k, cin, 3, 3)
         for b in range(batch):
             for f in range(cout):

@@ -56,6 +56,21 @@ def test_loop_moe_matches_sparse_dense_moe(top_k):
     torch.testing.assert_close(layer.gating_kernel.grad, peer.router.weight.grad.t())
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_loop_moe_with_capacity_matches_the_capacity_layer(top_k):
+    torch.manual_seed(3)
+    layer = _randomize(DenseMoE(6, 5, 4, top_k=top_k, capacity_factor=0.75))
+    with torch.no_grad():  # a skewed router: expert 0 is over-full, so rows are dropped
+        layer.gating_bias[0] += 2.0
+    peer = LoopMoE(6, 5, 4, top_k, capacity_factor=0.75).copy_from(layer)
+    x = torch.randn(13, 6)
+    _check_same(layer, peer, x)
+    assert layer.routing_stats()["dropped"] > 0.2
+    # without the limit the peer computes something else: the capacity is what is compared
+    free = LoopMoE(6, 5, 4, top_k).copy_from(layer)
+    assert not torch.allclose(free(x), layer(x))
+
+
 @pytest.mark.parametrize("n_experts", [1, 3])
 def test_timm_condconv_matches_kernel_mix(n_experts):
     pytest.importorskip("timm")
@@ -73,6 +88,23 @@ def test_timm_condconv_matches_kernel_mix(n_experts):
     )
     tie_filter_gates(_randomize(layer))
     peer = TimmCondConv(3, 4, 3, n_experts, padding=1).copy_from(layer)
+    _check_same(layer, peer, torch.randn(4, 3, 6, 6))
+
+
+@pytest.mark.parametrize(
+    ("routing", "hidden", "temperature"), [("sigmoid", None, 1.0), ("softmax", 5, 3.0)]
+)
+def test_timm_condconv_matches_one_gate_group(routing, hidden, temperature):
+    """CondConv's layer (``gate_groups=1``, sigmoid) and DynamicConv's (an MLP gate, softmax
+    over logits / tau) against timm's CondConv2d with the same router: no tying needed."""
+    pytest.importorskip("timm")
+    torch.manual_seed(4)
+    layer = Conv2dMoE(3, 4, 3, 3, (6, 6), padding=1, gate_input="pooled", gate_groups=1,
+                      expert_backend="kernel_mix", gating_activation=routing, gate_hidden=hidden,
+                      gate_temperature=temperature)  # fmt: skip
+    _randomize(layer)
+    peer = TimmCondConv(3, 4, 3, 3, padding=1, router_hidden=hidden, routing=routing,
+                        temperature=temperature).copy_from(layer)  # fmt: skip
     _check_same(layer, peer, torch.randn(4, 3, 6, 6))
 
 

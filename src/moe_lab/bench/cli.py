@@ -23,6 +23,8 @@ from .report import Row, render_markdown, write_outputs
 SECTIONS = {
     "layers": "MoE layers against their floor, their roofline and the naive port of the original",
     "peers": "moe_lab against what users would pick instead (timm CondConv2d, a per-expert loop)",
+    "capacity": "top-k with expert capacity (static shapes), eager and compiled, against the "
+    "per-expert loop dropping the same overflow",
     "routing": "sparse routing: K=16 experts, top-k, against k dense experts and all 16",
     "lightning": "Trainer.fit against a plain PyTorch loop (the mnist1d step, composed config)",
     "original": "the original's CIFAR-10 protocol: measured steps, projected run time",
@@ -30,12 +32,13 @@ SECTIONS = {
 
 
 def _runners() -> dict[str, Callable[[Context], Iterable[Row]]]:
-    from .layers import run_layers, run_peers, run_routing  # imported late: Lightning is slow
+    from .layers import run_capacity, run_layers, run_peers, run_routing  # late: Lightning is slow
     from .training import run_lightning, run_original
 
     return {
         "layers": run_layers,
         "peers": run_peers,
+        "capacity": run_capacity,
         "routing": run_routing,
         "lightning": run_lightning,
         "original": run_original,

@@ -21,6 +21,7 @@ and the gate-weighted sum over K) must move at least, in float32 (4 bytes), with
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -116,15 +117,18 @@ class CondConvFloor(nn.Module):
     """CondConv's products that no implementation can skip, forward + backward: ONE grouped
     convolution of ``x (B, C, H, W)`` with ``B * out`` per-sample 3x3 kernels (a leaf here, so its
     backward writes the per-sample kernels' gradient, as any CondConv's must) and the router's
-    ``Linear(C, out * K)`` of the average-pooled input. What is left out, the mix of the experts'
-    kernels, is memory-bound and counted in bytes (:func:`condconv_mix_bytes`)."""
+    ``Linear(C, G * K)`` of the average-pooled input, G the gate groups (1: CondConv's one routing
+    weight per expert; ``out``: the original's gate per filter). What is left out, the mix of the
+    experts' kernels, is memory-bound and counted in bytes (:func:`condconv_mix_bytes`)."""
 
-    def __init__(self, cin: int, cout: int, n_experts: int, batch: int, padding: int) -> None:
+    def __init__(
+        self, cin: int, cout: int, n_experts: int, batch: int, padding: int, gate_groups: int = 1
+    ) -> None:
         super().__init__()
         self.padding = padding
         self.kernels = nn.Parameter(torch.randn(batch * cout, cin, 3, 3) / math.sqrt(9 * cin))
         self.bias = nn.Parameter(torch.zeros(batch * cout))
-        self.router = nn.Linear(cin, cout * n_experts)
+        self.router = nn.Linear(cin, gate_groups * n_experts)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         def conv(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
@@ -227,13 +231,60 @@ def run_layers(ctx: Context) -> Iterator[Row]:
 
 
 def _condconv_row(ctx: Context, k: int, cin: int, cout: int, size: int, batch: int) -> Row:
-    name = f"Conv2dMoE kernel_mix K={k} {cin}→{cout} @{size}×{size}, B={batch} vs timm CondConv2d"
+    """CondConv (``gate_groups=1``: one routing weight per expert, one GEMM mixes the kernels)
+    against timm's CondConv2d and the roofline; beside them the same layer with the original's
+    gate per filter (tied to one, so it computes the same function), whose mix is a batched
+    GEMM over the filters."""
+    name = (
+        f"Conv2dMoE kernel_mix gate_groups=1 K={k} {cin}→{cout} @{size}×{size}, B={batch} "
+        "vs timm CondConv2d"
+    )
     row = Row("peers", name, info={"batch": batch, "peer": "timm.layers.CondConv2d"})
     torch.manual_seed(0)
-    layer = Conv2dMoE(cin, cout, k, 3, (size, size), padding=1, gate_input="pooled",
-                      expert_backend="kernel_mix", gating_activation="sigmoid")  # fmt: skip
+    common = dict(padding=1, gate_input="pooled", expert_backend="kernel_mix",
+                  gating_activation="sigmoid")  # fmt: skip
+    layer = Conv2dMoE(cin, cout, k, 3, (size, size), gate_groups=1, **common)
+    per_filter = tie_filter_gates(Conv2dMoE(cin, cout, k, 3, (size, size), **common))
     try:
-        peer = TimmCondConv(cin, cout, 3, k, padding=1).copy_from(tie_filter_gates(layer))
+        peer = TimmCondConv(cin, cout, 3, k, padding=1).copy_from(layer)
+    except ImportError:
+        row.name += ": timm not installed"
+        return row
+    floor = CondConvFloor(cin, cout, k, batch, padding=1)
+    x = torch.rand(batch, cin, size, size, device=ctx.device, requires_grad=True)
+    modules = {"moe_lab": layer, "per-filter gates": per_filter, "peer": peer, "floor": floor}
+    _measure(ctx, row, modules, x)
+    nbytes = condconv_mix_bytes(cin, cout, k, batch)
+    add_roofline(ctx, row, "floor", nbytes)
+    row.info.update(mix_bytes=nbytes, bandwidth=ctx.bandwidth)
+    row.ratio("× peer", "moe_lab", "peer", 1.0)
+    row.ratio("per-filter × peer", "per-filter gates", "peer")
+    row.ratio("× roofline", "moe_lab", "roofline")
+    row.ratio("peer × roofline", "peer", "roofline")  # how close timm itself gets
+    return row
+
+
+#: the ``dynamic_conv`` preset's gate: FC1's width, and tau at the schedule's start
+DYNAMIC_CONV_HIDDEN, DYNAMIC_CONV_TAU = 16, 30.0
+
+
+def _dynamic_conv_row(ctx: Context, k: int, cin: int, cout: int, size: int, batch: int) -> Row:
+    """The ``dynamic_conv`` preset's layer (one softmax gate over K from an MLP of the pooled
+    channels, tau, kernels mixed by one GEMM) against timm's CondConv2d fed by the same MLP
+    router, and against CondConv's roofline (the MLP's two small GEMMs are left out of it)."""
+    name = (
+        f"Conv2dMoE dynamic_conv K={k} {cin}→{cout} @{size}×{size}, B={batch} "
+        "vs timm CondConv2d + MLP gate"
+    )
+    row = Row("peers", name, info={"batch": batch, "peer": "timm.layers.CondConv2d + MLP router"})
+    torch.manual_seed(0)
+    hidden, tau = DYNAMIC_CONV_HIDDEN, DYNAMIC_CONV_TAU
+    layer = Conv2dMoE(cin, cout, k, 3, (size, size), padding=1, gate_input="pooled",
+                      gate_groups=1, gate_hidden=hidden, gate_temperature=tau,
+                      expert_backend="kernel_mix", gating_activation="softmax")  # fmt: skip
+    try:
+        peer = TimmCondConv(cin, cout, 3, k, padding=1, router_hidden=hidden, routing="softmax",
+                            temperature=tau).copy_from(layer)  # fmt: skip
     except ImportError:
         row.name += ": timm not installed"
         return row
@@ -242,10 +293,10 @@ def _condconv_row(ctx: Context, k: int, cin: int, cout: int, size: int, batch: i
     _measure(ctx, row, {"moe_lab": layer, "peer": peer, "floor": floor}, x)
     nbytes = condconv_mix_bytes(cin, cout, k, batch)
     add_roofline(ctx, row, "floor", nbytes)
-    row.info.update(mix_bytes=nbytes, bandwidth=ctx.bandwidth)
+    row.info.update(mix_bytes=nbytes, bandwidth=ctx.bandwidth, gate_hidden=hidden, tau=tau)
     row.ratio("× peer", "moe_lab", "peer", 1.0)
     row.ratio("× roofline", "moe_lab", "roofline")
-    row.ratio("peer × roofline", "peer", "roofline")  # how close timm itself gets
+    row.ratio("peer × roofline", "peer", "roofline")
     return row
 
 
@@ -272,17 +323,24 @@ def _dense_row(ctx: Context, top_k: int, cin: int, cout: int, batch: int) -> Row
 
 
 def run_peers(ctx: Context) -> Iterator[Row]:
-    """``Conv2dMoE(expert_backend="kernel_mix", gate_input="pooled")``, linear experts, against
-    timm's CondConv2d with an external router and against its roofline (:class:`CondConvFloor`
-    plus the mix's bytes at the measured bandwidth); sparse ``DenseMoE(K=16)`` against the per-expert
+    """CondConv (``Conv2dMoE(expert_backend="kernel_mix", gate_input="pooled", gate_groups=1)``,
+    linear experts) and DynamicConv (the ``dynamic_conv`` preset's layer) against timm's
+    CondConv2d with the same router and against CondConv's roofline (:class:`CondConvFloor` plus
+    the mix's bytes at the measured bandwidth); sparse ``DenseMoE(K=16)`` against the per-expert
     loop of Mixtral-style code, against one ``nn.Linear(in, top_k * out)`` (the kept experts'
     multiply-adds as one GEMM) and against its roofline: that Linear's time plus the time to read
     all K experts' weights twice and write their gradient once at the measured bandwidth."""
     batches = (8,) if ctx.quick else (32, 256)
+    convs = ((32, 64, 16), (64, 64, 8))
     yield from (
         _condconv_row(ctx, k, cin, cout, size, batch)
         for k in ((4,) if ctx.quick else (4, 8))
-        for cin, cout, size in ((32, 64, 16), (64, 64, 8))
+        for cin, cout, size in convs
+        for batch in batches
+    )
+    yield from (
+        _dynamic_conv_row(ctx, 4, cin, cout, size, batch)
+        for cin, cout, size in convs[: 1 if ctx.quick else 2]
         for batch in batches
     )
     yield from (
@@ -291,6 +349,52 @@ def run_peers(ctx: Context) -> Iterator[Row]:
         for cin, cout in ((512, 512),) + (() if ctx.quick else ((2304, 512),))
         for batch in ((8,) if ctx.quick else (32, 256, 1024))
     )
+
+
+def _capacity_row(
+    ctx: Context, top_k: int, factor: float, cin: int, cout: int, batch: int, compiled: bool
+) -> Row:
+    k = 16
+    name = (
+        f"DenseMoE K={k} top_k={top_k} capacity_factor={factor:g} {cin}→{cout}, B={batch} "
+        "vs per-expert loop"
+    )
+    row = Row("capacity", name, info={"batch": batch, "peer": "LoopMoE with capacity"})
+    torch.manual_seed(0)
+    layer = DenseMoE(cin, cout, k, top_k=top_k, capacity_factor=factor)
+    modules: dict[str, nn.Module] = {
+        "moe_lab": layer,
+        "peer": LoopMoE(cin, cout, k, top_k, capacity_factor=factor).copy_from(layer),
+    }
+    # zero-mean inputs: the router spreads them about evenly, as a balanced router does, so the
+    # capacity drops only the overflow of chance (uniform [0, 1) inputs send most rows to one
+    # expert, and the timing would measure that expert alone)
+    x = torch.randn(batch, cin, device=ctx.device, requires_grad=True)
+    if compiled:
+        # its own copy: the eager calls between its calls must not touch what its guards read
+        graph = torch.compile(copy.deepcopy(layer), fullgraph=True, dynamic=False)
+        modules["moe_lab compiled"] = graph
+    # every recompile is an error: what is timed is the one graph, never a silent eager fallback
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _measure(ctx, row, modules, x)
+    with torch.no_grad():
+        layer.to(ctx.device)(x)
+    row.info.update(dropped=float(layer.routing_stats()["dropped"]), compiled=compiled)
+    row.ratio("× peer", "moe_lab", "peer", 1.0)
+    if compiled:
+        row.ratio("compiled × peer", "moe_lab compiled", "peer", 1.0)
+        row.ratio("compiled × eager", "moe_lab compiled", "moe_lab")
+    return row
+
+
+def run_capacity(ctx: Context) -> Iterator[Row]:
+    """Top-k routing with the Switch Transformer's expert capacity (static shapes: every expert
+    runs on a ``(C, in)`` block) against the per-expert loop that drops the same overflow, eager
+    and under ``torch.compile(fullgraph=True)`` (compiled only in full runs: inductor's C++
+    compile takes seconds per shape)."""
+    for top_k in (1,) if ctx.quick else (1, 2):
+        for batch in (8,) if ctx.quick else (256, 1024):
+            yield _capacity_row(ctx, top_k, 1.25, 512, 512, batch, compiled=not ctx.quick)
 
 
 def run_routing(ctx: Context) -> list[Row]:

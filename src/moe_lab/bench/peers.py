@@ -10,11 +10,15 @@ the same arithmetic:
   experts and softmax full-volume gates.
 - :class:`LoopMoE`: the Mixtral-style per-expert loop that users copy (one ``nn.Linear`` per
   expert, a router, softmax / top-k, ``torch.where`` over the one-hot routing mask,
-  ``index_add_``). Peer of ``DenseMoE(top_k=k)`` with linear experts.
+  ``index_add_``). Peer of ``DenseMoE(top_k=k)`` with linear experts; with ``capacity_factor``
+  each expert keeps its first C rows in gate order, as the Switch Transformer's loop does (peer of
+  ``DenseMoE(top_k=k, capacity_factor=cf)``).
 - :class:`TimmCondConv`: timm's ``CondConv2d`` fed by an external router (global average pool,
   ``nn.Linear``, sigmoid, as timm's EfficientNet CondConv blocks do). Peer of
   ``Conv2dMoE(expert_backend="kernel_mix", gate_input="pooled", gating_activation="sigmoid")``
-  with linear experts. Needs timm (``pip install timm``, in the ``dev`` extra).
+  with linear experts. With ``router_hidden`` and ``routing="softmax"`` its router is
+  DynamicConv's (pool, FC, ReLU, FC, softmax over logits / tau): the peer of the ``dynamic_conv``
+  preset's layer. Needs timm (``pip install timm``, in the ``dev`` extra).
 """
 
 from __future__ import annotations
@@ -93,12 +97,22 @@ class LoopMoE(nn.Module):
     ``(*, in_features) -> (*, out_features)``. Router ``logits = Linear(x)``; gates are the
     softmax over all K of the top-1 logit for ``top_k=1`` (Switch) and the softmax over the kept
     logits for ``top_k >= 2`` (Mixtral's renormalised top-k); each expert is an ``nn.Linear``.
+    With ``capacity_factor`` cf, expert e takes at most ``C = min(N, ceil(cf N k / K))`` of its
+    rows, highest gate first (equal gates in row, then slot order); the rest are dropped.
     """
 
-    def __init__(self, in_features: int, out_features: int, n_experts: int, top_k: int) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        n_experts: int,
+        top_k: int,
+        capacity_factor: float | None = None,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.n_experts, self.top_k = n_experts, top_k
+        self.capacity_factor = capacity_factor
         self.router = nn.Linear(in_features, n_experts)
         self.experts = nn.ModuleList(nn.Linear(in_features, out_features) for _ in range(n_experts))
 
@@ -122,10 +136,19 @@ class LoopMoE(nn.Module):
         weights = weights.to(hidden.dtype)
         out = hidden.new_zeros(hidden.shape[0], self.out_features)
         mask = F.one_hot(selected, self.n_experts).permute(2, 1, 0)  # (K, k, N)
+        n = hidden.shape[0]
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = min(n, math.ceil(self.capacity_factor * n * self.top_k / self.n_experts))
         for e, expert in enumerate(self.experts):
             slot, rows = torch.where(mask[e])
             if rows.numel() == 0:
                 continue
+            if capacity is not None and rows.numel() > capacity:
+                by_row = torch.argsort(rows * self.top_k + slot)  # row, then slot order
+                slot, rows = slot[by_row], rows[by_row]
+                first = torch.sort(weights[rows, slot], descending=True, stable=True).indices
+                slot, rows = slot[first[:capacity]], rows[first[:capacity]]
             y = expert(hidden[rows]) * weights[rows, slot, None]
             out.index_add_(0, rows, y)
         return out.view(*lead, self.out_features)
@@ -137,6 +160,12 @@ class TimmCondConv(nn.Module):
     filters), then the per-sample mixed kernel as one grouped convolution.
 
     ``(B, in_channels, H, W) -> (B, out_channels, H', W')``.
+
+    Args:
+        router_hidden: None (CondConv's one ``Linear``), or H: DynamicConv's router, ``Linear(C,
+            H)``, ReLU, ``Linear(H, K)``.
+        routing: ``"sigmoid"`` (CondConv) or ``"softmax"`` over the experts (DynamicConv).
+        temperature: the logits are divided by it before ``routing`` (DynamicConv's tau).
 
     Raises:
         ImportError: timm is not installed (``pip install timm``).
@@ -151,6 +180,9 @@ class TimmCondConv(nn.Module):
         stride: int = 1,
         padding: int = 0,
         bias: bool = True,
+        router_hidden: int | None = None,
+        routing: str = "sigmoid",
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         try:
@@ -159,8 +191,17 @@ class TimmCondConv(nn.Module):
             raise ImportError(
                 "TimmCondConv needs timm: pip install timm (or pip install 'moe_lab[dev]')"
             ) from err
-        self.n_experts = n_experts
-        self.router = nn.Linear(in_channels, n_experts)
+        if routing not in ("sigmoid", "softmax"):
+            raise ValueError(f"routing must be 'sigmoid' or 'softmax', got {routing!r}")
+        self.n_experts, self.routing, self.temperature = n_experts, routing, temperature
+        if router_hidden is None:
+            self.router: nn.Module = nn.Linear(in_channels, n_experts)
+        else:
+            self.router = nn.Sequential(
+                nn.Linear(in_channels, router_hidden),
+                nn.ReLU(),
+                nn.Linear(router_hidden, n_experts),
+            )
         self.conv = CondConv2d(
             in_channels,
             out_channels,
@@ -174,11 +215,16 @@ class TimmCondConv(nn.Module):
     @torch.no_grad()
     def copy_from(self, layer: nn.Module) -> TimmCondConv:
         """Load a moe_lab ``Conv2dMoE(gate_input="pooled")``'s weights. timm's router is shared
-        by all filters, so filter 0's gate is taken (the layer should tie them, see
-        :func:`tie_filter_gates`); expert k of filter f is ``expert_kernel[f * K + k]``."""
+        by all filters, so the first gate group's gate is taken (the layer has ``gate_groups=1``,
+        or ties its filters' gates, see :func:`tie_filter_gates`); expert k of filter f is
+        ``expert_kernel[f * K + k]``."""
         k, out = self.n_experts, self.conv.out_channels
-        self.router.weight.copy_(layer.gating_kernel[:, 0, :].t())
-        self.router.bias.copy_(layer.gating_bias[0])
+        last = self.router if isinstance(self.router, nn.Linear) else self.router[2]
+        if isinstance(self.router, nn.Sequential):
+            self.router[0].weight.copy_(layer.gating_hidden_kernel.t())
+            self.router[0].bias.copy_(layer.gating_hidden_bias)
+        last.weight.copy_(layer.gating_kernel[:, 0, :].t())
+        last.bias.copy_(layer.gating_bias[0])
         kernel = layer.expert_kernel.reshape(out, k, -1).transpose(0, 1)  # (K, out, C*kh*kw)
         self.conv.weight.copy_(kernel.reshape(k, -1))
         if self.conv.bias is not None:
@@ -186,7 +232,8 @@ class TimmCondConv(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        routing = torch.sigmoid(self.router(x.mean((2, 3))))
+        logits = self.router(x.mean((2, 3))) / self.temperature
+        routing = torch.sigmoid(logits) if self.routing == "sigmoid" else logits.softmax(-1)
         return self.conv(x, routing)
 
 
