@@ -276,3 +276,17 @@ def test_matched_cnn_matches_the_experts_config_it_is_given(tmp_path, matched: s
     assert cnn.n_experts == 4 and cnn.moe_kwargs["gate_groups"] == 1
     assert cnn.match_target == getattr(moe, key)
     assert abs(getattr(cnn, key) - getattr(moe, key)) <= 0.01 * getattr(moe, key)
+
+
+@pytest.mark.parametrize("matched", ["cnn_matched", "cnn_flop_matched"])
+def test_matched_cnn_of_a_variance_preserving_moe_builds(tmp_path, matched: str) -> None:
+    """The matched CNN sizes itself on its MoE twin built on the meta device; the init's Monte
+    Carlo runs on the host whatever the default device (it once called .item() on meta)."""
+    overrides = [f"model={matched}", "experts=dynamic_conv", "data=mnist1d",
+                 "experts.variance_preserving_init=true"]  # fmt: skip
+    cfg = compose_config(overrides, output_dir=tmp_path)
+    _, facts = instantiate(cfg.model, _convert_="all")(input_shape=SHAPE, num_classes=10)
+    assert facts.match_target > 0
+    with torch.device("meta"):
+        on_meta = expected_gate_square_sum(4, "softmax", None, 0.5)
+    assert on_meta == expected_gate_square_sum(4, "softmax", None, 0.5)

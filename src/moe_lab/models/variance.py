@@ -66,7 +66,10 @@ def expected_gate_square_sum(
     """``E[sum_k g_k^2]`` of one filter's kept gates when the K gate logits are independent
     ``N(0, logit_std^2)`` (``logit_std = 0``: equal logits); see the module docstring."""
     generator = torch.Generator().manual_seed(0)
-    z = logit_std * torch.randn(_SAMPLES, n_experts, generator=generator, dtype=torch.float64)
+    # on the host whatever the default device (a pre-flight builds networks on "meta")
+    z = logit_std * torch.randn(
+        _SAMPLES, n_experts, generator=generator, dtype=torch.float64, device="cpu"
+    )
     if top_k is not None and top_k == 1:  # the chosen expert's probability over all K
         gates = torch.softmax(z, dim=-1).amax(dim=-1, keepdim=True)
     elif top_k is not None:  # a softmax over the kept logits
