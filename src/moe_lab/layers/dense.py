@@ -180,7 +180,7 @@ class DenseMoE(MoEBase):
         n, k = gates.shape
         assert self.capacity_factor is not None
         size = capacity.expert_capacity(n, k, self.n_experts, self.capacity_factor)
-        weight = self.expert_kernel.permute(2, 0, 1)  # (K, in, out), a view
+        weight = self.expert_kernel.permute(2, 1, 0)  # (K, out, in), contiguous when sparse
         bias = None if self.expert_bias is None else self.expert_bias.t()  # (K, out)
         act = self.expert_activation
         hidden = capacity.capacity_dense(
