@@ -209,11 +209,14 @@ def test_missing_timm_is_a_row_that_says_so(
 def test_the_compiled_capacity_row_times_one_graph(tmp_path: Path) -> None:
     """The capacity row's compiled side is the fullgraph compile of the layer (no graph break, no
     recompile: either would raise), beside the eager layer and the loop."""
-    torch._dynamo.reset()
-    row = layers._capacity_row(_ctx(tmp_path), 2, 1.25, 16, 8, 32, compiled=True)
+    rows = [layers._capacity_row(_ctx(tmp_path), 2, 1.25, 16, 8, batch, compiled=True)
+            for batch in (32, 48)]  # fmt: skip
+    row = rows[-1]  # a second shape is a fresh compile, not a (refused) recompile
     assert {"moe_lab", "peer", "moe_lab compiled"} <= set(row.samples)
     assert {"× peer", "compiled × peer", "compiled × eager"} <= set(row.checks)
     assert row.info["compiled"] and 0.0 <= row.info["dropped"] < 1.0
+    # 8 experts of capacity ceil(1.25 * 48 * 2 / 8) = 15 rows each
+    assert row.info["rows_computed"] == 120 and row.info["rows_kept"] <= 96
 
 
 def test_lightning_runs_follow_a_trainer_override(tmp_path: Path, data_dir: Path) -> None:

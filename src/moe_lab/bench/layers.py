@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from moe_lab.config import compose_config
 from moe_lab.layers import Conv1dMoE, Conv2dMoE, Conv3dMoE, DenseMoE, MoEBase, dispatch
+from moe_lab.layers.capacity import expert_capacity
 
 from .context import Context
 from .measure import time_calls
@@ -371,7 +372,10 @@ def _capacity_row(
     # expert, and the timing would measure that expert alone)
     x = torch.randn(batch, cin, device=ctx.device, requires_grad=True)
     if compiled:
-        # its own copy: the eager calls between its calls must not touch what its guards read
+        # its own copy: the eager calls between its calls must not touch what its guards read;
+        # dynamo's cache is per code object, so a fresh start per shape (else the next row's
+        # shape is a recompile)
+        torch._dynamo.reset()
         graph = torch.compile(copy.deepcopy(layer), fullgraph=True, dynamic=False)
         modules["moe_lab compiled"] = graph
     # every recompile is an error: what is timed is the one graph, never a silent eager fallback
@@ -379,7 +383,11 @@ def _capacity_row(
         _measure(ctx, row, modules, x)
     with torch.no_grad():
         layer.to(ctx.device)(x)
-    row.info.update(dropped=float(layer.routing_stats()["dropped"]), compiled=compiled)
+    dropped = float(layer.routing_stats()["dropped"])
+    # static shapes: every expert computes its C rows, kept or not; the loop only the kept ones
+    padded = k * expert_capacity(batch, top_k, k, factor)
+    row.info.update(dropped=dropped, compiled=compiled, rows_computed=padded,
+                    rows_kept=round(batch * top_k * (1 - dropped)))  # fmt: skip
     row.ratio("× peer", "moe_lab", "peer", 1.0)
     if compiled:
         row.ratio("compiled × peer", "moe_lab compiled", "peer", 1.0)
