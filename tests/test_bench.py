@@ -215,8 +215,8 @@ def test_the_compiled_capacity_row_times_one_graph(tmp_path: Path) -> None:
     assert {"moe_lab", "peer", "moe_lab compiled"} <= set(row.samples)
     assert {"× peer", "compiled × peer", "compiled × eager"} <= set(row.checks)
     assert row.info["compiled"] and 0.0 <= row.info["dropped"] < 1.0
-    # 8 experts of capacity ceil(1.25 * 48 * 2 / 8) = 15 rows each
-    assert row.info["rows_computed"] == 120 and row.info["rows_kept"] <= 96
+    # the 16 experts of capacity ceil(1.25 * 48 * 2 / 16) = 8 rows each
+    assert row.info["rows_computed"] == 128 and row.info["rows_kept"] <= 96
 
 
 def test_lightning_runs_follow_a_trainer_override(tmp_path: Path, data_dir: Path) -> None:
