@@ -163,7 +163,7 @@ def test_conv_layer_epilogue_matches_the_autograd_composition(cls, act, monkeypa
         torch.testing.assert_close(g, ref[1][name])
 
 
-@pytest.mark.parametrize("shape", [(3, 4, 2, 5), (1, 1, 1, 1), (5, 2, 3, 7)])
+@pytest.mark.parametrize("shape", [(3, 4, 2, 5), (1, 1, 1, 1), (5, 2, 3, 7), (4, 1, 3, 6)])
 def test_mix_all_kernels_matches_loops_and_gradcheck(shape: tuple) -> None:
     """CondConv's kernel mix (strided batched GEMMs) against loops over its formula,
     ``mixed[b, f] = sum_k gates[b, f, k] * kernels[f, k]``, and autograd's numerical gradient."""

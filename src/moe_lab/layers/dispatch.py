@@ -341,7 +341,10 @@ class _MixAllKernels(torch.autograd.Function):
             mixed = kernels.new_empty(shape)
         else:
             mixed = buffer.take_empty(shape, kernels.dtype, kernels.device)
-        torch.bmm(gates.transpose(0, 1), kernels, out=mixed.transpose(0, 1))
+        if groups == 1:  # one gate (CondConv's): timm's one 2-D GEMM; a bmm of one ran slower
+            torch.mm(gates[:, 0], kernels[0], out=mixed[:, 0])
+        else:
+            torch.bmm(gates.transpose(0, 1), kernels, out=mixed.transpose(0, 1))
         ctx.save_for_backward(gates, kernels)
         return mixed
 
@@ -352,6 +355,13 @@ class _MixAllKernels(torch.autograd.Function):
     ) -> tuple[Tensor | None, Tensor | None, None]:
         gates, kernels = ctx.saved_tensors
         grad_gates = grad_kernels = None
+        if gates.shape[1] == 1:  # one gate: the 2-D GEMMs of timm's backward
+            grad = grad_mixed[:, 0]  # (B, W)
+            if ctx.needs_input_grad[0]:
+                grad_gates = torch.mm(grad, kernels[0].t()).unsqueeze(1)  # (B, 1, K)
+            if ctx.needs_input_grad[1]:
+                grad_kernels = torch.mm(gates[:, 0].t(), grad).unsqueeze(0)  # (1, K, W)
+            return grad_gates, grad_kernels, None
         if ctx.needs_input_grad[0]:
             # einsum's own batched GEMM over the filters, into a fresh filter-major result
             # (a B*G*K copy), ran 10-25% faster than a bmm into the strided sample-major one
