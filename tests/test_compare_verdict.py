@@ -215,14 +215,19 @@ def test_the_results_block_renders_from_the_comparison(four, capsys) -> None:
     assert "Budget: 2 trials × 1 epochs per arm and replicate (2 replicates)" in block
     assert "Command: `python -m moe_lab.compare experiment=digits" in block
     assert "Commit of the runs: `" in block and "(set-up and report excluded)" in block
-    assert "evp.png)" in block
+    assert "evp.png)" in block and "accuracy_vs_flops.png)" in block
+    # the heading names the preset and the overrides that tell this comparison from another
+    heading = next(line for line in block.splitlines() if line.startswith("#### "))
+    assert heading.startswith("#### digits (") and "compare.replicates=2" in heading
     figures = root / "figures"
     assert (
         results_main([str(comparison), "--relative-to", str(root), "--figures", str(figures)]) == 0
     )
-    (copy,) = figures.glob("digits_*_evp.png")
-    assert copy.read_bytes() == (comparison / "evp.png").read_bytes()
-    assert f"(figures/{copy.name})" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for name in ("evp.png", "accuracy_vs_flops.png"):
+        (copy,) = figures.glob(f"digits_*_{name}")
+        assert copy.read_bytes() == (comparison / name).read_bytes()
+        assert f"(figures/{copy.name})" in out
     assert results_main([str(root)]) == 2
 
 

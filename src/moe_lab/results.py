@@ -4,8 +4,8 @@ result block, rendered from comparison dirs, never typed.
 Per comparison: its dataset, the table (params, FLOPs per example, final test accuracy, and
 against the baseline the paired difference with its bootstrap interval, Holm's p and P(arm >
 baseline)), the budget, the command, the commit the runs were made at, the wall time (set-up and
-report excluded, as the comparison records its sessions) and the path of its EVP figure; then
-the verdicts. Everything comes from the same statistics as the comparison's own report
+report excluded, as the comparison records its sessions) and its figures (the EVP and test
+accuracy against FLOPs per example); then the verdicts. Everything comes from the same statistics as the comparison's own report
 (:func:`moe_lab.analysis.comparison.comparison_info`).
 
 Exit status: 0, or 2 with one line on stderr when a dir is not a comparison or cannot be read.
@@ -14,6 +14,7 @@ Exit status: 0, or 2 with one line on stderr when a dir is not a comparison or c
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -36,6 +37,17 @@ def _commits(info: ComparisonInfo) -> str:
     return ", ".join(f"`{c}`" for c in sorted(commits)) or "no final run"
 
 
+def _title(experiment: str, command: str | None) -> str:
+    """The experiment, and the command's overrides beyond it, so that two comparisons of one
+    preset (one with ``data.topology.batch_norm=true``, say) have headings that tell them apart."""
+    try:
+        words = shlex.split(command or "")
+    except ValueError:
+        words = []
+    extra = [w for w in words if "=" in w and not w.startswith("experiment=")]
+    return f"{experiment} ({' '.join(extra)})" if extra else experiment
+
+
 def _vs_baseline(row, base_row) -> list[str]:
     if row["arm"] == base_row["arm"]:
         return ["baseline", "", "", ""]
@@ -53,8 +65,9 @@ def _vs_baseline(row, base_row) -> list[str]:
 def render_block(
     info: ComparisonInfo, relative_to: Path | None = None, figures: Path | None = None
 ) -> str:
-    """The markdown block of one comparison; with ``figures``, its EVP figure is copied there
-    (as ``<experiment>_<dir name>_evp.png``) and the block shows that copy."""
+    """The markdown block of one comparison; with ``figures``, its EVP and accuracy-vs-FLOPs
+    figures are copied there (as ``<experiment>_<dir name>_<file name>``) and the block shows
+    those copies."""
     data, summary = info.data, info.summary
     settings = data.settings
     base_row = summary[summary["arm"] == info.baseline].iloc[0]
@@ -72,14 +85,20 @@ def render_block(
     ]
     sessions = read_sessions(data.dir)
     wall = sum(float(s.get("wall_time_s") or 0) for s in sessions)
-    evp = data.dir / COMPARE_REPORT_FILES["evp_png"]
-    if figures is not None and evp.is_file():
-        figures.mkdir(parents=True, exist_ok=True)
-        copy = figures / f"{data.record.experiment or 'comparison'}_{data.dir.name}_evp.png"
-        shutil.copyfile(evp, copy)
-        evp = copy.resolve()
-    if relative_to is not None and evp.is_relative_to(relative_to):
-        evp = evp.relative_to(relative_to)
+    experiment = data.record.experiment or "comparison"
+
+    def figure(key: str, what: str) -> str:
+        """The markdown image of one of the report's figures (copied into ``figures``)."""
+        path = data.dir / COMPARE_REPORT_FILES[key]
+        if figures is not None and path.is_file():
+            figures.mkdir(parents=True, exist_ok=True)
+            copy = figures / f"{experiment}_{data.dir.name}_{path.name}"
+            shutil.copyfile(path, copy)
+            path = copy.resolve()
+        if relative_to is not None and path.is_relative_to(relative_to):
+            path = path.relative_to(relative_to)
+        return f"![{data.record.experiment}: {what}]({path})"
+
     replicates = data.replicates
     budget = (
         f"{settings['trials']} trials × {settings.get('max_epochs')} epochs per arm"
@@ -90,7 +109,7 @@ def render_block(
     others = summary[summary["arm"] != info.baseline]
     epochs = settings.get("max_epochs")
     lines = [
-        f"#### {data.record.experiment or data.dir.name}",
+        f"#### {_title(data.record.experiment or data.dir.name, data.record.command)}",
         "",
         table(header, rows, right={1, 2, 3, 5, 6, 7}),
         "",
@@ -99,7 +118,8 @@ def render_block(
         f"- Commit of the runs: {_commits(info)}",
         f"- Wall time: {fmt_duration(wall)} over {len(sessions)} session(s) (set-up and report "
         "excluded).",
-        f"![{data.record.experiment}: expected best validation accuracy vs trials]({evp})",
+        figure("evp_png", "expected best validation accuracy vs trials"),
+        figure("flops_png", "final test accuracy (95% t interval over the final runs) vs FLOPs"),
         "",
         *(
             f"- {verdict(row, base_row, int(settings['trials']), epochs, replicates)}"
@@ -124,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "--relative-to", type=Path, default=Path.cwd(), help="figure paths relative to this dir"
     )
     parser.add_argument(
-        "--figures", type=Path, default=None, help="copy each EVP figure into this dir"
+        "--figures", type=Path, default=None, help="copy each comparison's figures into this dir"
     )
     args = parser.parse_args(argv)
     blocks = []

@@ -58,9 +58,10 @@ def load_curves(runs: pd.DataFrame, *, statuses: Iterable[str] = ("completed",))
                 f"{path}: metrics.csv missing columns {missing} (the columns are MetricsRow's, "
                 "moe_lab/run/record.py)"
             )
-        for column in id_columns:
-            metrics.insert(id_columns.index(column), column, run[column])
-        frames.append(metrics)
+        # the run's identity in front, as one block (one insert per column fragments a frame
+        # of many metric columns, and pandas warns on every report)
+        ids = pd.DataFrame({c: [run[c]] * len(metrics) for c in id_columns}, index=metrics.index)
+        frames.append(pd.concat([ids, metrics.drop(columns=id_columns, errors="ignore")], axis=1))
     if not frames:
         return pd.DataFrame(columns=[*id_columns, "epoch", "val_acc"])
     return pd.concat(frames, ignore_index=True)

@@ -52,7 +52,7 @@ from .bootstrap import (
     probability_of_improvement,
 )
 from .paired_data import PairedData, check_confidence, pair_arrays, run_accuracies
-from .stats import hedges_g, t_test_fields
+from .stats import exact_samples_test, hedges_g, t_test_fields
 
 __all__ = [
     "MIN_RUNS_FOR_EFFECT_SIZE",
@@ -132,7 +132,8 @@ def paired_difference(arm: ArrayLike, base: ArrayLike, confidence: float = 0.95)
             f"every cell's difference is {d.flat[0]:+.4g}: the paired t-test is undefined"
         )
         return result
-    fields = t_test_fields(stats.ttest_rel(acc_a.ravel(), acc_b.ravel()), confidence)
+    paired = exact_samples_test(stats.ttest_rel, acc_a.ravel(), acc_b.ravel())
+    fields = t_test_fields(paired, confidence)
     names = {"t": "paired_t", "df": "paired_df", "p_value": "paired_p"}
     result.update({names.get(k, f"paired_{k}"): v for k, v in fields.items()})
     return result
