@@ -229,6 +229,13 @@ def test_the_results_block_renders_from_the_comparison(four, capsys) -> None:
         assert copy.read_bytes() == (comparison / name).read_bytes()
         assert f"(figures/{copy.name})" in out
     assert results_main([str(root)]) == 2
+    # --why adds the report's Why table, the same rows
+    assert results_main([str(comparison), "--relative-to", str(root), "--why"]) == 0
+    block = capsys.readouterr().out
+    why = block[block.index("**Why: fit, activation scale and routing") :].splitlines()
+    rows = [line for line in why if line.startswith("| ") and "train acc" not in line]
+    report = (comparison / "report.md").read_text()
+    assert len(rows) == len(ARMS) and all(line in report for line in rows)
 
 
 def test_a_resume_keeps_the_recorded_batch_size(four, tmp_path: Path) -> None:

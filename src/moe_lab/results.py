@@ -1,11 +1,12 @@
-"""``python -m moe_lab.results COMPARISON_DIR [COMPARISON_DIR ...] [--out FILE]``: the README's
+"""``python -m moe_lab.results COMPARISON_DIR [COMPARISON_DIR ...] [--out FILE] [--why]``: the README's
 result block, rendered from comparison dirs, never typed.
 
 Per comparison: its dataset, the table (params, FLOPs per example, final test accuracy, and
 against the baseline the paired difference with its bootstrap interval, Holm's p and P(arm >
 baseline)), the budget, the command, the commit the runs were made at, the wall time (set-up and
 report excluded, as the comparison records its sessions) and its figures (the EVP and test
-accuracy against FLOPs per example); then the verdicts. Everything comes from the same statistics as the comparison's own report
+accuracy against FLOPs per example); then the verdicts; with ``--why``, the report's Why table
+(each arm's fit, activation scale per layer, and routing over training). Everything comes from the same statistics as the comparison's own report
 (:func:`moe_lab.analysis.comparison.comparison_info`).
 
 Exit status: 0, or 2 with one line on stderr when a dir is not a comparison or cannot be read.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from moe_lab.analysis.comparison import ComparisonInfo, comparison_info, load_comparison
 from moe_lab.analysis.format import cell, fmt_duration, fmt_int, fmt_pct, table
-from moe_lab.analysis.verdicts import axis_phrase, matched_verdict_lines, verdict
+from moe_lab.analysis.verdicts import axis_phrase, matched_verdict_lines, verdict, why_section
 from moe_lab.run.comparison import read_sessions
 from moe_lab.run.record import read_summary_data
 from moe_lab.run.report_files import COMPARE_REPORT_FILES
@@ -63,7 +64,10 @@ def _vs_baseline(row, base_row) -> list[str]:
 
 
 def render_block(
-    info: ComparisonInfo, relative_to: Path | None = None, figures: Path | None = None
+    info: ComparisonInfo,
+    relative_to: Path | None = None,
+    figures: Path | None = None,
+    why: bool = False,
 ) -> str:
     """The markdown block of one comparison; with ``figures``, its EVP and accuracy-vs-FLOPs
     figures are copied there (as ``<experiment>_<dir name>_<file name>``) and the block shows
@@ -129,6 +133,9 @@ def render_block(
         *matched_verdict_lines(info),
         "",
     ]
+    if why:  # the report's Why table, its heading made a paragraph of this block
+        section = why_section(info)
+        lines += [f"**{section[0].removeprefix('## ')}.** {section[2]}", "", *section[4:]]
     return "\n".join(lines)
 
 
@@ -146,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--figures", type=Path, default=None, help="copy each comparison's figures into this dir"
     )
+    parser.add_argument(
+        "--why",
+        action="store_true",
+        help="add each comparison's Why table (fit, activation scale, routing of the final runs)",
+    )
     args = parser.parse_args(argv)
     blocks = []
     for path in args.comparison_dirs:
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as err:
             print(f"{parser.prog}: error: {err}", file=sys.stderr)
             return 2
-        blocks.append(render_block(info, args.relative_to.resolve(), args.figures))
+        blocks.append(render_block(info, args.relative_to.resolve(), args.figures, args.why))
     text = "\n".join(blocks)
     print(text)
     if args.out is not None:
