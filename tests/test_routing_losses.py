@@ -446,3 +446,26 @@ def test_routing_presets_build_and_train_conv_and_dense_layers(config_dir: Path,
     for layer in layers.values():
         assert layer.gating_kernel.grad.abs().sum() > 0
         assert layer.routing_stats()["load"].sum().item() == pytest.approx(raw.moe_kwargs.top_k)
+
+
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_z_loss_matches_st_moe_pytorch(top_k: int) -> None:
+    """The router z-loss (ST-MoE, Zoph et al. 2022) against lucidrains' st-moe-pytorch: its
+    ``TopNGating`` with this layer's gate weights gives the same loss and the same gradient."""
+    st_moe = pytest.importorskip("st_moe_pytorch.st_moe_pytorch")
+    torch.manual_seed(0)
+    layer = DenseMoE(6, 5, 4, top_k=top_k, use_gating_bias=False)
+    with torch.no_grad():
+        layer.gating_kernel.normal_(0.0, 2.0)  # logits of a few units: the loss is not small
+    peer = st_moe.TopNGating(6, num_gates=4, top_n=top_k)
+    with torch.no_grad():
+        peer.to_gates.weight.copy_(layer.gating_kernel.t())
+    x = torch.randn(13, 6)
+    layer.train(), peer.train()
+    layer(x)
+    ours = layer.aux_losses()["z_loss"]
+    theirs = peer(x.unsqueeze(0))[3]  # (batch=1, sequence=13, dim): the z-loss over 13 tokens
+    torch.testing.assert_close(ours, theirs.reshape(()))
+    (grad_ours,) = torch.autograd.grad(ours, layer.gating_kernel)
+    (grad_theirs,) = torch.autograd.grad(theirs.sum(), peer.to_gates.weight)
+    torch.testing.assert_close(grad_ours, grad_theirs.t())
