@@ -236,6 +236,15 @@ def test_the_results_block_renders_from_the_comparison(four, capsys) -> None:
     rows = [line for line in why if line.startswith("| ") and line[2:5] != "---"][1:]  # no header
     report = (comparison / "report.md").read_text()
     assert len(rows) == len(ARMS) and all(line in report for line in rows)
+    # --across: an arm a row, a comparison a column, the numbers of the blocks
+    assert results_main([str(comparison), str(comparison), "--across"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-len(ARMS) - 2 :]
+    assert last[0].count("`digits (") == 2
+    moe_row = next(line for line in last if line.startswith("| moe |"))
+    cell = f"{100 * moe['test_acc_mean']:.2f}, " + f"{100 * moe['paired_diff']:+.2f}".replace(
+        "-", "−"
+    )
+    assert moe_row.count(cell) == 2
 
 
 def test_a_resume_keeps_the_recorded_batch_size(four, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""``python -m moe_lab.results COMPARISON_DIR [COMPARISON_DIR ...] [--out FILE] [--why]``: the README's
+"""``python -m moe_lab.results COMPARISON_DIR [...] [--out FILE] [--why] [--across]``: the README's
 result block, rendered from comparison dirs, never typed.
 
 Per comparison: its dataset, the table (params, FLOPs per example, final test accuracy, and
@@ -6,7 +6,8 @@ against the baseline the paired difference with its bootstrap interval, Holm's p
 baseline)), the budget, the command, the commit the runs were made at, the wall time (set-up and
 report excluded, as the comparison records its sessions) and its figures (the EVP and test
 accuracy against FLOPs per example); then the verdicts; with ``--why``, the report's Why table
-(each arm's fit, activation scale per layer, and routing over training). Everything comes from the same statistics as the comparison's own report
+(each arm's fit, activation scale per layer, and routing over training); with ``--across``, one
+last table of all the comparisons given, an arm a row and a comparison a column. Everything comes from the same statistics as the comparison's own report
 (:func:`moe_lab.analysis.comparison.comparison_info`).
 
 Exit status: 0, or 2 with one line on stderr when a dir is not a comparison or cannot be read.
@@ -139,6 +140,35 @@ def render_block(
     return "\n".join(lines)
 
 
+def render_across(infos: list[ComparisonInfo]) -> str:
+    """One table of several comparisons of the same arms (a preset run as it is and with a fix
+    for every arm, say): a row per arm, a column per comparison (headed by its
+    :func:`_title`), each cell the final test accuracy and the paired difference against that
+    comparison's baseline with its bootstrap interval, as each block gives them."""
+    arms: list[str] = []
+    for info in infos:
+        arms += [arm for arm in info.summary["arm"] if arm not in arms]
+    titles = [
+        _title(i.data.record.experiment or i.data.dir.name, i.data.record.command) for i in infos
+    ]
+    rows = []
+    for arm in arms:
+        cells = [arm]
+        for info in infos:
+            found = info.summary[info.summary["arm"] == arm]
+            if found.empty:
+                cells.append("")
+                continue
+            row = found.iloc[0]
+            base_row = info.summary[info.summary["arm"] == info.baseline].iloc[0]
+            diff = _vs_baseline(row, base_row)[1]
+            text = fmt_pct(row["test_acc_mean"], with_se=False)
+            cells.append(text if diff in ("", "no paired statistics") else f"{text}, {diff}")
+        rows.append(cells)
+    header = ["arm", *(f"`{t}`" for t in titles)]
+    return table(header, rows) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m moe_lab.results",
@@ -158,15 +188,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="add each comparison's Why table (fit, activation scale, routing of the final runs)",
     )
+    parser.add_argument(
+        "--across",
+        action="store_true",
+        help="end with one table of every comparison given: per arm, its test accuracy and "
+        "difference against the baseline in each",
+    )
     args = parser.parse_args(argv)
-    blocks = []
+    blocks, infos = [], []
     for path in args.comparison_dirs:
         try:
             info = comparison_info(load_comparison(path))
         except (OSError, ValueError) as err:
             print(f"{parser.prog}: error: {err}", file=sys.stderr)
             return 2
+        infos.append(info)
         blocks.append(render_block(info, args.relative_to.resolve(), args.figures, args.why))
+    if args.across:
+        blocks.append(render_across(infos))
     text = "\n".join(blocks)
     print(text)
     if args.out is not None:
