@@ -301,7 +301,7 @@ def _colors(arms: list[str]) -> dict[str, str]:
 def plot_evp(info: ComparisonInfo, title: str | None = None) -> Figure:
     """Expected best validation accuracy after n = 1..N trials per arm, ± one standard deviation
     of that maximum (Dodge et al. 2019)."""
-    figure, axes = _new_figure(1, 1, 6.5, 4.5)
+    figure, axes = _new_figure(1, 1, 6.5, 5.5)
     axis = axes[0, 0]
     colors = _colors(info.data.arms)
     drawn = False
@@ -371,7 +371,7 @@ def plot_trace(info: ComparisonInfo, title: str | None = None) -> Figure:
 def plot_accuracy_vs_flops(info: ComparisonInfo, title: str | None = None) -> Figure:
     """Each arm's final test accuracy (mean, with its 95% t interval over the final runs) against
     its forward FLOPs per example (log scale): which design buys accuracy with compute."""
-    figure, axes = _new_figure(1, 1, 6.5, 4.5)
+    figure, axes = _new_figure(1, 1, 6.5, 5.5)
     axis = axes[0, 0]
     colors = _colors(info.data.arms)
     drawn = False
@@ -385,7 +385,7 @@ def plot_accuracy_vs_flops(info: ComparisonInfo, title: str | None = None) -> Fi
         )
         axis.errorbar(
             [row.flops_per_example], [100 * row.test_acc_mean], yerr=[100 * half], fmt="o",
-            capsize=4, color=colors[row.arm], label=info.labels[row.arm],
+            capsize=4, color=colors[row.arm], label=row.arm,
         )  # fmt: skip
         drawn = True
     if not drawn:
@@ -393,7 +393,8 @@ def plot_accuracy_vs_flops(info: ComparisonInfo, title: str | None = None) -> Fi
                   transform=axis.transAxes)  # fmt: skip
     else:
         axis.set_xscale("log")
-        axis.legend(loc="lower right", fontsize="small")
+        # arm names (a full label runs wider than the axes), in two columns under the axes
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize="small")
     axis.set_xlabel("forward FLOPs per example")
     axis.set_ylabel("final test accuracy (%), mean ± 95% CI")
     axis.grid(True, alpha=0.3)
