@@ -7,6 +7,7 @@ enumeration of the expected maximum).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -16,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -403,6 +405,26 @@ def start_compare(root: Path, args: list[str]) -> subprocess.Popen[str]:
         text=True,
         start_new_session=True,
     )
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """However the block ends (a failed assertion, a timeout), no process of ``proc``'s group
+    outlives it."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def kill_when(condition, proc: subprocess.Popen, timeout: float) -> None:
+    """SIGKILL ``proc``'s whole group once ``condition()`` holds (see :func:`_wait_for`), and
+    wait for it."""
+    with reaped(proc):
+        _wait_for(condition, proc, timeout)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float) -> None:

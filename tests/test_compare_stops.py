@@ -25,6 +25,8 @@ from test_compare import (
     _summaries,
     _trials,
     _wait_for,
+    kill_when,
+    reaped,
     start_compare,
 )
 
@@ -82,8 +84,7 @@ def test_ctrl_c_during_tuning_stops_cleanly_and_a_resume_finishes(
     130 (a second Ctrl-C: at once), and a resume runs them to completion."""
     root = tmp_path
     args = _args(root)
-    proc = start_compare(root, args)
-    try:
+    with reaped(start_compare(root, args)) as proc:
         _wait_for(lambda: _log_has(root, "tune/cnn/trial_002 starts"), proc, timeout=400)
         time.sleep(2)  # the second batch is mid-run
         os.killpg(proc.pid, signal.SIGINT)
@@ -93,9 +94,6 @@ def test_ctrl_c_during_tuning_stops_cleanly_and_a_resume_finishes(
         start = time.monotonic()
         _out, err = proc.communicate(timeout=240)
         stop_s = time.monotonic() - start
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     comparison = _comparison_dir(root)
@@ -133,14 +131,7 @@ def test_sigkill_right_after_a_batch_then_resume_finishes(tmp_path: Path) -> Non
     root = tmp_path
     args = _args(root)
     proc = start_compare(root, args)
-    try:
-        batch_done = lambda: _log_has(root, "tune/moe/trial_001: val acc")  # noqa: E731
-        _wait_for(batch_done, proc, timeout=400)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_when(lambda: _log_has(root, "tune/moe/trial_001: val acc"), proc, timeout=400)
     comparison = _comparison_dir(root)
     assert (comparison / ".heartbeat.json").is_file()
     assert not (comparison / "sessions.jsonl").exists()
@@ -206,15 +197,11 @@ def test_sigterm_while_the_workers_start_ends_in_a_recorded_state(tmp_path: Path
     30-line TerminatedWorkerError traceback; now the comparison records the stop and exits 143."""
     root = tmp_path
     args = _args(root)
-    proc = start_compare(root, args)
-    try:
+    with reaped(start_compare(root, args)) as proc:
         _wait_for(lambda: _log_has(root, "starts"), proc, timeout=300)
         time.sleep(0.3)
         os.killpg(proc.pid, signal.SIGTERM)
         _out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     comparison = _comparison_dir(root)

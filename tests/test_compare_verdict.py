@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +20,7 @@ from scipy import stats
 
 from conftest import cli_env, run_module
 from moe_lab.analysis.bootstrap import bootstrap_difference
-from test_compare import _comparison_dir, _env, _paths, _wait_for
+from test_compare import _comparison_dir, _env, _paths, kill_when
 
 ARMS = ["cnn", "moe", "cnn_flop_matched", "cnn_matched"]
 TINY4 = [
@@ -289,14 +287,8 @@ def test_killed_and_resumed_under_other_parallelism_proposes_the_same_trials(
         start_new_session=True,
     )  # fmt: skip
     first = lambda: list((cut / "out").glob("compare/*/*/tune/cnn/trial_000/summary.json"))  # noqa: E731
-    try:
-        _wait_for(lambda: first() and json.loads(first()[0].read_text())["status"] == "completed",
-                  proc, timeout=400)  # fmt: skip
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_when(lambda: first() and json.loads(first()[0].read_text())["status"] == "completed",
+              proc, timeout=400)  # fmt: skip
     comparison = _comparison_dir(cut)
     resumed = run_module("moe_lab.compare", *args, *_paths(cut), f"resume={comparison}",
                          "hydra/launcher=basic", cwd=cut, timeout=900, **_env(cut))  # fmt: skip

@@ -251,18 +251,27 @@ def _condconv_row(ctx: Context, k: int, cin: int, cout: int, size: int, batch: i
     except ImportError:
         row.name += ": timm not installed"
         return row
+    _against_timm(ctx, row, {"moe_lab": layer, "per-filter gates": per_filter, "peer": peer})
+    row.ratio("per-filter × peer", "per-filter gates", "peer")
+    return row
+
+
+def _against_timm(ctx: Context, row: Row, modules: dict[str, nn.Module]) -> None:
+    """Measure ``modules`` (a ``"moe_lab"`` layer, its timm ``"peer"``, any others) beside
+    CondConv's floor on one input, add the roofline (floor + the mix's bytes at the measured
+    bandwidth), and the ratios of moe_lab and timm against them."""
+    layer = modules["moe_lab"]
+    k, cin, cout, size = layer.n_experts, layer.in_channels, layer.out_channels, layer.input_size
+    batch = row.info["batch"]
     floor = CondConvFloor(cin, cout, k, batch, padding=1)
-    x = torch.rand(batch, cin, size, size, device=ctx.device, requires_grad=True)
-    modules = {"moe_lab": layer, "per-filter gates": per_filter, "peer": peer, "floor": floor}
-    _measure(ctx, row, modules, x)
+    x = torch.rand(batch, cin, *size, device=ctx.device, requires_grad=True)
+    _measure(ctx, row, {**modules, "floor": floor}, x)
     nbytes = condconv_mix_bytes(cin, cout, k, batch)
     add_roofline(ctx, row, "floor", nbytes)
     row.info.update(mix_bytes=nbytes, bandwidth=ctx.bandwidth)
     row.ratio("× peer", "moe_lab", "peer", 1.0)
-    row.ratio("per-filter × peer", "per-filter gates", "peer")
     row.ratio("× roofline", "moe_lab", "roofline")
     row.ratio("peer × roofline", "peer", "roofline")  # how close timm itself gets
-    return row
 
 
 #: the ``dynamic_conv`` preset's gate: FC1's width, and tau at the schedule's start
@@ -289,15 +298,8 @@ def _dynamic_conv_row(ctx: Context, k: int, cin: int, cout: int, size: int, batc
     except ImportError:
         row.name += ": timm not installed"
         return row
-    floor = CondConvFloor(cin, cout, k, batch, padding=1)
-    x = torch.rand(batch, cin, size, size, device=ctx.device, requires_grad=True)
-    _measure(ctx, row, {"moe_lab": layer, "peer": peer, "floor": floor}, x)
-    nbytes = condconv_mix_bytes(cin, cout, k, batch)
-    add_roofline(ctx, row, "floor", nbytes)
-    row.info.update(mix_bytes=nbytes, bandwidth=ctx.bandwidth, gate_hidden=hidden, tau=tau)
-    row.ratio("× peer", "moe_lab", "peer", 1.0)
-    row.ratio("× roofline", "moe_lab", "roofline")
-    row.ratio("peer × roofline", "peer", "roofline")
+    _against_timm(ctx, row, {"moe_lab": layer, "peer": peer})
+    row.info.update(gate_hidden=hidden, tau=tau)
     return row
 
 
